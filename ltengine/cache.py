@@ -1,0 +1,161 @@
+"""KV caches of one sequence: full layers, sink + window (streaming) layers, truncation, byte accounting.
+
+Layout is token-major, ``[tokens, H_kv, D]`` per layer and sequence, so that the kept prefix after a
+truncation is one contiguous block. A full layer holds every token; a streaming layer holds ``sink``
+slots followed by a ring of ``window`` slots, where position ``p >= sink`` lives in slot
+``sink + (p - sink) % window`` (``kernels.reference.ring_slot``); positions are never renumbered, so
+keys keep their RoPE rotation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .kernels.reference import ring_slot
+
+
+@dataclass
+class KVMeter:
+    """Bytes of KV held right now and the most held at once (tensor sizes, exact on any device)."""
+
+    current: int = 0
+    peak: int = 0
+
+    def add(self, nbytes: int) -> None:
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def sub(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+
+class FullKV:
+    """Every token of one layer: ``k``, ``v`` are ``[capacity, H_kv, D]``; the first ``length`` are valid."""
+
+    streaming = False
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, meter: KVMeter):
+        self.k, self.v, self.meter = k.contiguous(), v.contiguous(), meter
+        self.length = k.shape[0]
+        meter.add(self.nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[0]
+
+    def reserve(self, total_tokens: int) -> None:
+        """Grow the buffers to hold ``total_tokens`` (before decode), releasing the old ones."""
+        if total_tokens <= self.capacity:
+            return
+        old = self.nbytes
+        self.k, self.v = _grown(self.k, total_tokens), _grown(self.v, total_tokens)
+        self.meter.add(self.nbytes)
+        self.meter.sub(old)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one token's ``[H_kv, D]`` key and value after the valid ones."""
+        if self.length >= self.capacity:
+            raise RuntimeError(f"full KV cache is full ({self.capacity} tokens); reserve() first")
+        self.k[self.length] = k
+        self.v[self.length] = v
+        self.length += 1
+
+    def release(self) -> None:
+        self.meter.sub(self.nbytes)
+        self.k = self.v = None  # type: ignore[assignment]
+
+
+class SinkWindowKV:
+    """A streaming layer: ``sink`` first tokens plus a ring of the last ``window`` tokens.
+
+    ``k``, ``v``: ``[min(capacity, sink + window), H_kv, D]``. ``length`` counts every token the
+    sequence has seen; the valid slots are always ``[0, min(length, sink + window))``.
+    """
+
+    streaming = True
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int, sink: int, window: int, meter: KVMeter):
+        self.k, self.v, self.meter = k, v, meter
+        self.length, self.sink, self.window = length, sink, window
+        meter.add(self.nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[0]
+
+    def reserve(self, total_tokens: int) -> None:
+        """A cache that never filled its sink + window grows up to that size, never beyond."""
+        target = min(total_tokens, self.sink + self.window)
+        if target <= self.capacity:
+            return
+        old = self.nbytes
+        self.k, self.v = _grown(self.k, target), _grown(self.v, target)
+        self.meter.add(self.nbytes)
+        self.meter.sub(old)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one token's ``[H_kv, D]`` key/value, overwriting the oldest ring slot when full."""
+        s = ring_slot(self.length, self.sink, self.window)
+        if s >= self.capacity:
+            raise RuntimeError(f"streaming KV cache holds {self.capacity} slots; reserve() first")
+        self.k[s] = k
+        self.v[s] = v
+        self.length += 1
+
+    def release(self) -> None:
+        self.meter.sub(self.nbytes)
+        self.k = self.v = None  # type: ignore[assignment]
+
+
+def demote(full: FullKV, sink: int, window: int, truncate_kv_) -> SinkWindowKV:
+    """Truncate a full layer to sink + window in place and free the rest.
+
+    ``truncate_kv_`` (a kernel backend's op) compacts the buffer in place: the sink stays, the last
+    ``window`` valid tokens move into their ring slots right behind it. The compacted prefix is then
+    moved into a buffer of exactly that size, so the allocator gets the whole old buffer back.
+    """
+    length = full.length
+    keep = min(full.capacity, sink + window)
+    if length > sink + window:
+        lengths = torch.tensor([length], dtype=torch.int32, device=full.k.device)
+        truncate_kv_(full.k.unsqueeze(0), full.v.unsqueeze(0), lengths, sink, window)
+    # (a cache of <= sink + window tokens already has token p in slot p = its ring slot)
+    k, v = full.k[:keep].clone(), full.v[:keep].clone()
+    full.release()
+    return SinkWindowKV(k, v, length, sink, window, full.meter)
+
+
+def _grown(x: torch.Tensor, tokens: int) -> torch.Tensor:
+    out = x.new_empty((tokens, *x.shape[1:]))
+    out[: x.shape[0]] = x
+    return out
+
+
+@dataclass
+class SequenceKV:
+    """All layers' caches of one sequence."""
+
+    layers: list = field(default_factory=list)  # FullKV | SinkWindowKV per layer
+    meter: KVMeter = field(default_factory=KVMeter)
+
+    @property
+    def lazy_layers(self) -> list[int]:
+        return [i for i, c in enumerate(self.layers) if c.streaming]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers)
+
+    def release(self) -> None:
+        for c in self.layers:
+            c.release()
+        self.layers = []

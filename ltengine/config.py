@@ -1,0 +1,142 @@
+"""Configuration dataclasses: which layers go lazy (LazyConfig) and how tokens are sampled."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+POLICIES = ("lighttransfer", "topk", "random", "streaming")
+
+
+@dataclass(frozen=True)
+class LazyConfig:
+    """How LightTransfer-Test turns layers lazy (sink + window KV cache).
+
+    fraction: share of layers demoted to streaming attention, in [0, 1]; 0 = plain full attention.
+              Ignored when the engine has a ``kv_budget``: then the budget decides.
+    sink:     first tokens every streaming layer keeps (attention sinks), >= 1.
+    window:   most recent tokens a streaming layer keeps, >= 1 (the query itself included).
+    probe:    last prompt queries whose attention scores a layer's lazy ratio, >= 1.
+    policy:   "lighttransfer" (online priority queue, the paper's method), "topk" (offline: score
+              every layer, then demote the laziest), "random" (seeded), "streaming" (all layers), or
+              an explicit sequence of layer indices.
+    seed:     seed of the "random" policy.
+    """
+
+    fraction: float = 0.5
+    sink: int = 4
+    window: int = 1020
+    probe: int = 64
+    policy: str | tuple[int, ...] = "lighttransfer"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"LazyConfig.fraction must be a number in [0, 1], got {self.fraction!r}")
+        for name in ("sink", "window", "probe"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LazyConfig.{name} must be a positive integer (>= 1), got {value!r}")
+        if isinstance(self.policy, str):
+            if self.policy not in POLICIES:
+                raise ValueError(f"LazyConfig.policy must be one of {POLICIES} or a list of layer indices, got {self.policy!r}")
+        else:
+            layers = tuple(self.policy)
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+                raise ValueError(f"LazyConfig.policy as a layer list must hold non-negative ints, got {self.policy!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"LazyConfig.policy lists a layer twice: {self.policy!r}")
+            object.__setattr__(self, "policy", tuple(sorted(layers)))
+
+    @property
+    def enabled(self) -> bool:
+        """False when this config can never demote a layer (plain full attention)."""
+        if isinstance(self.policy, tuple):
+            return len(self.policy) > 0
+        return self.policy == "streaming" or self.fraction > 0
+
+    def num_lazy(self, num_layers: int) -> int:
+        """Lazy layers the fixed fraction asks for: round(fraction * L)."""
+        if isinstance(self.policy, tuple):
+            return len(self.policy)
+        if self.policy == "streaming":
+            return num_layers
+        return int(round(self.fraction * num_layers))
+
+    @classmethod
+    def from_profile(cls, path: str | Path, **overrides) -> "LazyConfig":
+        """A fixed-layer config from a JSON profile holding ``{"lazy_layers": [...], ...}``."""
+        data = json.loads(Path(path).read_text())
+        if "lazy_layers" not in data:
+            raise ValueError(f"{path}: profile has no 'lazy_layers' key (keys: {sorted(data)})")
+        kwargs = {k: data[k] for k in ("sink", "window", "probe") if k in data}
+        kwargs.update(overrides)
+        return cls(policy=tuple(int(i) for i in data["lazy_layers"]), **kwargs)
+
+
+FULL = LazyConfig(fraction=0.0)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings. temperature 0 (the default) is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str | None) -> int | None:
+    """``12GiB`` / ``1.5 GB`` / ``500000000`` -> bytes. None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"kv_budget must be bytes (int) or a string like '12GiB', got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"kv_budget {value!r} is not a size; use an int of bytes or e.g. '512MiB', '12GiB', '1.5GB'")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    else:
+        raise ValueError(f"kv_budget must be bytes (int) or a string like '12GiB', got {type(value).__name__}")
+    if n <= 0:
+        raise ValueError(f"kv_budget must be positive, got {value!r}")
+    return n
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

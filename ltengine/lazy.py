@@ -1,0 +1,131 @@
+"""Where a layer's lazy ratio is scored and where the queue decides which layers go lazy.
+
+``lazy_ratio`` scores one layer from its last ``probe`` queries. A ``LayerPolicy`` sees the layers in
+prefill order (``observe``) and answers which layers to demote *now*, before the next layer's cache is
+stored; ``finish`` answers what is left to demote once every layer is scored (only the offline
+"topk" comparison uses it).
+"""
+from __future__ import annotations
+
+import random as _random
+
+import torch
+from sortedcontainers import SortedList
+
+from .config import LazyConfig
+
+
+def lazy_ratio(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> float:
+    """Share of attention mass the last queries put on sink and recent keys.
+
+    q: ``[H_q, P, D]`` the last P query rows of the prompt (P <= T), already rotated.
+    k: ``[H_kv, T, D]`` all prompt keys, rotated. ``H_q`` is a multiple of ``H_kv`` (GQA).
+    Query i (absolute position T - P + i) counts keys j with ``j < sink`` or ``i - window < j <= i``,
+    under the ordinary causal softmax over the whole prompt. Returns the mean over heads and queries.
+    """
+    h_q, p, _ = q.shape
+    h_kv, t, _ = k.shape
+    group = h_q // h_kv
+    qf = q.float().reshape(h_kv, group * p, -1)
+    scores = torch.matmul(qf, k.float().transpose(1, 2)).mul_(scale)  # [H_kv, G*P, T]
+    scores = scores.view(h_kv, group, p, t)
+    pos_q = torch.arange(t - p, t, device=q.device).view(p, 1)
+    pos_k = torch.arange(t, device=q.device).view(1, t)
+    scores.masked_fill_(pos_k > pos_q, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    keep = (pos_k < sink) | (pos_k > pos_q - window)  # causal part already has zero probability
+    mass = (probs * keep).sum(dim=-1)  # [H_kv, G, P]
+    return float(mass.mean())
+
+
+class LayerPolicy:
+    """Decides, layer by layer during prefill, which layers' KV caches to demote."""
+
+    name = "base"
+
+    def __init__(self, num_layers: int, full_capacity: int):
+        self.num_layers = num_layers
+        self.full_capacity = full_capacity
+
+    def observe(self, layer: int, ratio: float) -> list[int]:
+        """Called after ``layer`` is scored and its full KV stored; returns layers to demote now."""
+        raise NotImplementedError
+
+    def finish(self) -> list[int]:
+        """Called after the last layer; returns layers still to demote."""
+        return []
+
+
+class LightTransferPolicy(LayerPolicy):
+    """The paper's online queue: once more than ``full_capacity`` layers hold full KV, demote the
+    laziest layer processed so far. Ties pop the higher layer index first."""
+
+    name = "lighttransfer"
+
+    def __init__(self, num_layers: int, full_capacity: int):
+        super().__init__(num_layers, full_capacity)
+        self.queue: SortedList = SortedList()  # (ratio, layer); max = laziest
+
+    def observe(self, layer: int, ratio: float) -> list[int]:
+        self.queue.add((ratio, layer))
+        demoted = []
+        while len(self.queue) > self.full_capacity:
+            _, j = self.queue.pop(-1)
+            demoted.append(j)
+        return demoted
+
+
+class TopKPolicy(LayerPolicy):
+    """Offline comparison: score every layer first, then demote the laziest. Holds every full cache
+    until the end of prefill, so it can exceed a byte budget by design."""
+
+    name = "topk"
+
+    def __init__(self, num_layers: int, full_capacity: int):
+        super().__init__(num_layers, full_capacity)
+        self.scores: list[tuple[float, int]] = []
+
+    def observe(self, layer: int, ratio: float) -> list[int]:
+        self.scores.append((ratio, layer))
+        return []
+
+    def finish(self) -> list[int]:
+        n_lazy = max(0, len(self.scores) - self.full_capacity)
+        return [j for _, j in sorted(self.scores, reverse=True)[:n_lazy]]
+
+
+class FixedPolicy(LayerPolicy):
+    """Demotes a fixed set of layers as soon as each is processed (ignores the scores)."""
+
+    name = "fixed"
+
+    def __init__(self, num_layers: int, full_capacity: int, layers: set[int]):
+        super().__init__(num_layers, full_capacity)
+        self.layers = layers
+
+    def observe(self, layer: int, ratio: float) -> list[int]:
+        return [layer] if layer in self.layers else []
+
+
+def make_policy(lazy: LazyConfig, num_layers: int, full_capacity: int) -> LayerPolicy:
+    """The policy object for one prompt's prefill."""
+    n_lazy = num_layers - full_capacity
+    if isinstance(lazy.policy, tuple):
+        bad = [i for i in lazy.policy if i >= num_layers]
+        if bad:
+            raise ValueError(f"LazyConfig.policy names layers {bad}, but the model has layers 0..{num_layers - 1}")
+        return FixedPolicy(num_layers, full_capacity, set(lazy.policy))
+    if lazy.policy == "lighttransfer":
+        return LightTransferPolicy(num_layers, full_capacity)
+    if lazy.policy == "topk":
+        return TopKPolicy(num_layers, full_capacity)
+    if lazy.policy == "random":
+        chosen = _random.Random(lazy.seed).sample(range(num_layers), n_lazy)
+        policy = FixedPolicy(num_layers, full_capacity, set(chosen))
+        policy.name = "random"
+        return policy
+    if lazy.policy == "streaming":
+        policy = FixedPolicy(num_layers, 0, set(range(num_layers)))
+        policy.name = "streaming"
+        return policy
+    raise ValueError(f"unknown policy {lazy.policy!r}")

