@@ -1,5 +1,155 @@
-"""Decode-attention and KV-truncation kernels (reference / Triton / CUDA); backend selection follows."""
+"""Decode-attention and KV-truncation kernels, and the backend that picks one per op, once.
 
+Ops (shapes token-major, ``[B, T, H_kv, D]`` caches, ``[B, H_q, D]`` queries):
+  decode_full(q, k, v, lengths, scale)                       -> [B, H_q, D]
+  decode_sink_window(q, k, v, lengths, sink, window, scale)  -> [B, H_q, D]
+  truncate_kv_(k, v, lengths, sink, window)                  -> new lengths (in place on k, v)
+
+Implementations, fastest first: ``cuda`` (csrc/, via cuda.py), ``cpp`` (the CPU truncate in the same
+extension), ``triton`` (triton_decode.py), ``reference`` (reference.py, the ground truth). ``get_backend(device)`` resolves each op to an ordered list of usable
+implementations once; at call time the first that supports the input's (dtype, head dim) runs, a
+dict lookup cached per key, never a device check in the decode loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ltengine.kernels import cuda as _cuda
 from ltengine.kernels.reference import decode_full_ref, decode_sink_window_ref, ring_slot, truncate_kv_ref_
 
-__all__ = ["decode_full_ref", "decode_sink_window_ref", "ring_slot", "truncate_kv_ref_"]
+__all__ = [
+    "Backend",
+    "available_backends",
+    "get_backend",
+    "decode_full_ref",
+    "decode_sink_window_ref",
+    "ring_slot",
+    "truncate_kv_ref_",
+]
+
+OPS = ("decode_full", "decode_sink_window", "truncate_kv_")
+IMPLS = ("cuda", "cpp", "triton", "reference")  # cpp: the CPU truncate_kv_ of ltengine._C
+
+_Supports = Callable[[torch.dtype, int], bool]
+
+
+def _any(dtype: torch.dtype, head_dim: int) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class _Impl:
+    name: str
+    fn: Callable
+    supports: _Supports = _any
+
+
+def _triton():
+    from ltengine.kernels import triton_decode  # imports triton itself only if installed
+
+    return triton_decode
+
+
+def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
+    """Every usable implementation per op on this device, fastest first."""
+    ref = {
+        "decode_full": _Impl("reference", decode_full_ref),
+        "decode_sink_window": _Impl("reference", decode_sink_window_ref),
+        "truncate_kv_": _Impl("reference", truncate_kv_ref_),
+    }
+    out: dict[str, list[_Impl]] = {op: [] for op in OPS}
+    if device.type == "cuda":
+        if _cuda.has_cuda_ext():
+            out["decode_full"].append(_Impl("cuda", _cuda.decode_full, _cuda.decode_supports))
+            out["decode_sink_window"].append(_Impl("cuda", _cuda.decode_sink_window, _cuda.decode_supports))
+            out["truncate_kv_"].append(_Impl("cuda", _cuda.truncate_kv_))
+        tri = _triton()
+        if tri.available():
+            out["decode_full"].append(_Impl("triton", tri.decode_full, tri.supports))
+            out["decode_sink_window"].append(_Impl("triton", tri.decode_sink_window, tri.supports))
+    elif device.type == "cpu" and _cuda.has_cpu_ext():
+        out["truncate_kv_"].append(_Impl("cpp", _cuda.truncate_kv_))  # the CPU op of the compiled extension
+    for op in OPS:
+        out[op].append(ref[op])
+    return out
+
+
+def available_backends(device: torch.device | str) -> dict[str, list[str]]:
+    """op -> names of the implementations usable on ``device``, fastest first."""
+    return {op: [i.name for i in impls] for op, impls in _candidates(torch.device(device)).items()}
+
+
+@dataclass
+class _Dispatch:
+    """One op: the ordered implementations and a cache (dtype, head_dim) -> first that supports it."""
+
+    impls: list[_Impl]
+    cache: dict[tuple[torch.dtype, int], _Impl] = field(default_factory=dict)
+
+    def pick(self, dtype: torch.dtype, head_dim: int) -> _Impl:
+        impl = self.cache.get((dtype, head_dim))
+        if impl is None:
+            impl = next(i for i in self.impls if i.supports(dtype, head_dim))
+            self.cache[(dtype, head_dim)] = impl
+        return impl
+
+
+class Backend:
+    """The kernels one engine uses, chosen once per device (see ``get_backend``)."""
+
+    def __init__(self, name: str, impls: dict[str, list[_Impl]]):
+        self.name = name
+        self._ops = {op: _Dispatch(impls[op]) for op in OPS}
+
+    def decode_full(self, q, k, v, lengths, scale):
+        """q [B, H_q, D], k/v [B, T_cap, H_kv, D], lengths [B] -> [B, H_q, D]."""
+        return self._ops["decode_full"].pick(q.dtype, q.shape[-1]).fn(q, k, v, lengths, scale)
+
+    def decode_sink_window(self, q, k, v, lengths, sink, window, scale):
+        """q [B, H_q, D], k/v [B, sink + window, H_kv, D], lengths [B] (tokens seen) -> [B, H_q, D]."""
+        return self._ops["decode_sink_window"].pick(q.dtype, q.shape[-1]).fn(q, k, v, lengths, sink, window, scale)
+
+    def truncate_kv_(self, k, v, lengths, sink, window):
+        """In place on k/v [B, T_cap, H_kv, D]; returns min(lengths, sink + window)."""
+        return self._ops["truncate_kv_"].pick(k.dtype, k.shape[-1]).fn(k, v, lengths, sink, window)
+
+    def impl_for(self, op: str, dtype: torch.dtype, head_dim: int) -> str:
+        """Name of the implementation that runs ``op`` for this dtype and head dim."""
+        return self._ops[op].pick(dtype, head_dim).name
+
+    def describe(self) -> dict[str, str]:
+        """op -> implementations in order, with the dtypes/head dims each covers, e.g.
+        ``'cuda (bf16/fp16, D 64/128) > triton > reference'``."""
+        out = {}
+        for op, disp in self._ops.items():
+            parts = []
+            for impl in disp.impls:
+                if impl.supports is _cuda.decode_supports:
+                    parts.append(f"{impl.name} (bf16/fp16, D 64/128)")
+                else:
+                    parts.append(impl.name)
+            out[op] = " > ".join(parts)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r}, {self.describe()})"
+
+
+def get_backend(device: torch.device | str, prefer: str | None = None) -> Backend:
+    """The kernels for ``device``. ``prefer``: None (fastest available per op), or one of
+    ``"cuda"``, ``"cpp"``, ``"triton"``, ``"reference"`` to force that implementation first where it exists
+    (``"reference"`` makes every op the pure-PyTorch reference)."""
+    if prefer is not None and prefer not in IMPLS:
+        raise ValueError(f"prefer must be one of {IMPLS} or None, got {prefer!r}")
+    cands = _candidates(torch.device(device))
+    if prefer == "reference":
+        cands = {op: [i for i in impls if i.name == "reference"] for op, impls in cands.items()}
+    elif prefer is not None:
+        cands = {op: sorted(impls, key=lambda i: i.name != prefer) for op, impls in cands.items()}
+    firsts = {impls[0].name for impls in cands.values()}
+    name = prefer or ("+".join(n for n in IMPLS if n in firsts))
+    return Backend(name, cands)

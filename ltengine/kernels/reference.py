@@ -67,7 +67,9 @@ def _masked_decode(
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # rows with no valid key: all -inf -> NaN -> 0
-    out = torch.einsum("bhgt,bthd->bhgd", probs, v.to(acc))
+    # slots past a sequence's length may hold anything (even NaN): 0 * NaN would poison the sum
+    v = v.to(acc).masked_fill(~valid[:, :, None, None], 0.0)
+    out = torch.einsum("bhgt,bthd->bhgd", probs, v)
     return out.reshape(b, h_q, d).to(q.dtype)
 
 
