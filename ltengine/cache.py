@@ -129,13 +129,13 @@ def demote(full: FullKV, sink: int, window: int, truncate_kv_) -> SinkWindowKV:
         lengths = torch.tensor([length], dtype=torch.int32, device=full.k.device)
         truncate_kv_(full.k.unsqueeze(0), full.v.unsqueeze(0), lengths, sink, window)
     # (a cache of <= sink + window tokens already has token p in slot p = its ring slot)
-    k, v = full.k[:keep].clone(), full.v[:keep].clone()
-    full.release()
-    return SinkWindowKV(k, v, length, sink, window, full.meter)
+    lazy = SinkWindowKV(full.k[:keep].clone(), full.v[:keep].clone(), length, sink, window, full.meter)
+    full.release()  # counted after the copy: both buffers exist for a moment
+    return lazy
 
 
 def _grown(x: torch.Tensor, tokens: int) -> torch.Tensor:
-    out = x.new_empty((tokens, *x.shape[1:]))
+    out = x.new_zeros((tokens, *x.shape[1:]))
     out[: x.shape[0]] = x
     return out
 

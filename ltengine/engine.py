@@ -218,7 +218,8 @@ class Engine:
             batch, single = list(prompt), False
             kinds = {"text" if isinstance(p, str) else "ids" if is_ids(p) else "other" for p in batch}
             if "other" in kinds:
-                raise ValueError("a batch must hold prompts as strings or lists of int token ids")
+                raise ValueError("prompt must be a string, a list of int token ids, or a batch (list) of "
+                                 f"those; got {prompt!r:.80}")
             if len(kinds) > 1:
                 raise ValueError("a batch mixes text prompts and token-id prompts; pass one kind per call")
         else:
