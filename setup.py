@@ -4,7 +4,8 @@
   nvcc is found; arch list from TORCH_CUDA_ARCH_LIST (default "9.0").
 - Otherwise a C++ extension with the CPU truncate_kv_ only.
 - Without torch, a compiler, or when the build fails: a warning, and the pure-Python package installs
-  anyway (every kernel has a PyTorch reference fallback). LTENGINE_NO_EXT=1 skips the build.
+  anyway (every kernel has a PyTorch reference fallback). LTENGINE_NO_EXT=1 skips the build;
+  LTENGINE_STRICT_BUILD=1 makes a failed build an error; LTENGINE_PTXAS_VERBOSE=1 prints register use.
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ def _extension_setup() -> dict:
             try:
                 super().run()
             except Exception as exc:
+                if os.environ.get("LTENGINE_STRICT_BUILD") == "1":
+                    raise
                 warnings.warn(f"ltengine: building the _C extension failed ({exc}); using the Python kernels")
 
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as exc:
+                if os.environ.get("LTENGINE_STRICT_BUILD") == "1":
+                    raise
                 warnings.warn(f"ltengine: building {ext.name} failed ({exc}); using the Python kernels")
 
     nvcc = shutil.which("nvcc") or (
@@ -46,13 +51,16 @@ def _extension_setup() -> dict:
     )
     want_cuda = torch.cuda.is_available() or os.environ.get("LTENGINE_CUDA") == "1"
     cxx = ["-O3"]  # BuildExtension picks the C++ standard that matches torch
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr"]
+    if os.environ.get("LTENGINE_PTXAS_VERBOSE") == "1":
+        nvcc_flags.append("-Xptxas=-v")
     if want_cuda and nvcc and torch.version.cuda is not None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         ext = CUDAExtension(
             "ltengine._C",
             ["csrc/ops.cpp", "csrc/truncate_kv.cu", "csrc/decode.cu"],
             define_macros=[("LTENGINE_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},
         )
     else:
         if want_cuda:
