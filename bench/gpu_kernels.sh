@@ -27,13 +27,23 @@ grep -A2 -E "Compiling entry function '.*(decode|combine|truncate)" "$OUT/build.
 [ $rc -eq 0 ] || exit $rc
 python3 -c "import ltengine.kernels as K; print(K.available_backends('cuda')); print(K.get_backend('cuda').describe())"
 
-echo "== SASS (decode_kernel bf16 D=128)"
+echo "== SASS (default decode kernel, bf16 D=128)"
 so=$(ls ltengine/_C*.so)
 cuobjdump -sass "$so" > "$OUT/sass.txt" 2>&1
-awk '/Function : .*decode_kernelI13__nv_bfloat16Li128/{f=1;next} /Function :/{f=0} f' "$OUT/sass.txt" > "$OUT/sass_decode_bf16_128.txt"
-for ins in "LDG.E.128" "LDG.E.LTC" "LDG" "HMMA.16816.F32.BF16" "HMMA" "LDL" "STL" "SHFL" "MUFU.EX2" "PRMT"; do
+awk '/Function : .*decode_kernel_smemI13__nv_bfloat16Li128ELi3/{f=1;next} /Function :/{f=0} f' "$OUT/sass.txt" > "$OUT/sass_decode_bf16_128.txt"
+for ins in "LDGSTS" "LDG" "LDS.128" "LDS" "HMMA.16816.F32.BF16" "LDL" "STL" "SHFL" "MUFU.EX2" "PRMT" "BAR"; do
   printf "  %-22s %s\n" "$ins" "$(grep -c "$ins" "$OUT/sass_decode_bf16_128.txt")"
 done
+echo "== does a TORCH_CHECK thrown in the extension reach Python? (run 1 segfaulted on one)"
+python3 -c "
+import torch, ltengine.kernels.cuda
+k = torch.zeros(2, 8, 1, 4)
+try:
+    torch.ops.ltengine.truncate_kv_(k, k.clone(), torch.tensor([1, 9]), 1, 2)
+except Exception as e:
+    print('raised', type(e).__name__)
+"
+echo "rc=$?"
 
 echo "== tests"
 start=$(date +%s)

@@ -33,20 +33,38 @@ DEV = "cuda"
 GB = 1e9
 
 
+SLEEP_CYCLES = 20_000_000  # ~10 ms of GPU spin before each timed rep
+
+
 def time_ms(fn, reps: int, warmup: int = 2) -> tuple[float, float]:
-    """Median and spread (max - min) of CUDA-event timings of fn(), in ms."""
+    """Median and spread (max - min) of CUDA-event timings of fn(), in ms.
+
+    A GPU spin kernel runs first so that the host enqueues the whole rep before the start event
+    fires: the time is the GPU's, not the launch overhead of a cold queue."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SLEEP_CYCLES)
         start.record()
         fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times), max(times) - min(times)
+
+
+def host_us(fn, calls: int) -> float:
+    """Host time to enqueue fn() (while the GPU is busy spinning), per call, in microseconds."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES * 5)
+    t0 = time.perf_counter()
+    fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
 
 
 def copy_bandwidth() -> float:
@@ -129,8 +147,9 @@ def bench_point(pt, copy_bw, results, tune=False):
             if ref_out is not None:
                 err = ((out.double() - ref_out).norm() / ref_out.norm()).item()
             ms, spread = time_ms(lambda: run_all(fn, extra), reps=reps)
+            h_us = host_us(lambda: run_all(fn, extra), layers)
         except Exception as exc:  # report, keep going
-            print(f"  {name:16s} FAILED: {type(exc).__name__}: {str(exc)[:200]}")
+            print(f"  {name:16s} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
             results.append(dict(point=pt["name"], impl=name, error=f"{type(exc).__name__}: {exc}"[:500]))
             continue
         finally:
@@ -138,13 +157,20 @@ def bench_point(pt, copy_bw, results, tune=False):
         per = ms / layers
         bw = pt["bytes"] / (per * 1e-3) / GB
         row = dict(point=pt["name"], impl=name, ms_per_layer=per, spread_ms=spread / layers, gbps=bw,
-                   pct_copy=100 * bw / copy_bw, rel_err=err)
+                   pct_copy=100 * bw / copy_bw, rel_err=err, host_us_per_call=h_us)
         results.append(row)
         print(f"  {name:16s} {per * 1e3:9.1f} us/layer  {bw:7.0f} GB/s  {100 * bw / copy_bw:5.1f}% of copy"
-              + (f"  rel err {err:.1e}" if err is not None else ""))
+              f"  host {h_us:6.1f} us/call" + (f"  rel err {err:.1e}" if err is not None else ""))
         torch.cuda.empty_cache()
 
     if tune and kcuda.has_cuda_ext():
+        var = {}
+        for variant in range(7):
+            ms, _ = time_ms(lambda: run_all(lambda q, k, v: impls["cuda"](q, k, v, variant=variant)), reps=15)
+            var[variant] = pt["bytes"] / (ms / layers * 1e-3) / GB
+        print("  cuda variant -> GB/s (0 default; 1 regs, 2 +prefetch, 3 +L2 hint, 4/5/6 smem 2/3/4 stages): "
+              + ", ".join(f"{k}:{v:.0f}" for k, v in var.items()))
+        results.append(dict(point=pt["name"], impl="cuda_variant_sweep", gbps_by_variant=var))
         sp = {}
         for ns in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
             if (ns - 1) * 64 >= pt["cap"]:
@@ -241,10 +267,11 @@ def main():
     bench_truncate(results)
 
     print(f"\n== summary (copy baseline {copy_bw:.0f} GB/s, {info['device']})")
-    print(f"{'point':14s} {'impl':16s} {'us/layer':>10s} {'GB/s':>8s} {'% copy':>7s}")
+    print(f"{'point':14s} {'impl':16s} {'us/layer':>10s} {'GB/s':>8s} {'% copy':>7s} {'host us':>8s}")
     for r in results:
         if "gbps" in r and "ms_per_layer" in r:
-            print(f"{r['point']:14s} {r['impl']:16s} {r['ms_per_layer'] * 1e3:10.1f} {r['gbps']:8.0f} {r['pct_copy']:7.1f}")
+            print(f"{r['point']:14s} {r['impl']:16s} {r['ms_per_layer'] * 1e3:10.1f} {r['gbps']:8.0f} {r['pct_copy']:7.1f}"
+                  f" {r['host_us_per_call']:8.1f}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "kernels.json"), "w") as f:
             json.dump(dict(info=info, copy_gbps=copy_bw, results=results), f, indent=1, default=str)

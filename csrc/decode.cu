@@ -12,13 +12,19 @@
 // warps through shared memory. With more than one chunk per sequence, a second kernel merges the
 // chunks' (output, log-sum-exp) pairs.
 //
-// Loads go straight from global memory into MMA fragments, 16 bytes per thread per load:
+// Fragment layout (no ldmatrix, no transposes): each thread's MMA operands are 16-byte vectors.
 //  * Q.K^T: the dot product may sum over d in any order, so the k index of the MMA is mapped onto d
-//    such that each thread's fragment elements are 8 consecutive d values (one 16-byte load); a warp
-//    load instruction covers 8 keys x 64 contiguous bytes.
+//    such that each thread's fragment elements are 8 consecutive d values: thread (g, c) of n-tile u
+//    holds key row 8u + g, d in [32i + 8c, +8) for i < D/32.
 //  * P.V: the output column d may also be permuted (undone when storing), so each thread's n values
-//    across the D/8 n-tiles are 8 consecutive d values; again 16-byte loads, 128 contiguous bytes per
-//    key per warp instruction. The two keys of a B-fragment register are paired with one byte_perm.
+//    across the D/8 n-tiles are 8 consecutive d values: thread (g, c) holds keys 2c + {0, 1, 8, 9},
+//    d in [64j + 8g, +8). The two keys of a B-fragment register are paired with one byte_perm.
+// Two ways to get those vectors from memory:
+//  * decode_kernel_regs: straight from global memory into registers (a warp load covers 8 rows x 64 B),
+//    optionally rotating the next block's loads into the registers the MMAs just consumed.
+//  * decode_kernel_smem: each warp streams its 16-key K and V tiles into its own ring of shared-memory
+//    stages with cp.async (a warp load covers 2 whole rows, several blocks in flight), then reads the
+//    same fragments with 16-byte shared loads; an XOR swizzle keeps both read patterns conflict-free.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -36,6 +42,8 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kBlockN = 16;                  // keys per warp per step
 constexpr int kCtaN = kWarps * kBlockN;      // keys per CTA per step; chunks are multiples of this
+// Default configuration: cp.async ring of 3 stages per warp (bench/KERNELS_NOTES.md has the numbers).
+constexpr int kDefaultStages = 3;
 
 struct DecodeParams {
   const void* q;
@@ -86,12 +94,20 @@ struct Mma<__half> {
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
 };
 
-// 16-byte streaming load: KV is read once per step, so keep it out of L1.
+// 16-byte streaming load: KV is read once per step, so keep it out of L1. kL2Hint asks L2 to fetch
+// the whole 256-byte segment on a miss (a warp load covers half lines of 8 rows; the next load the rest).
+template <bool kL2Hint>
 __device__ __forceinline__ uint4 ldg_stream(const void* ptr) {
   uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(ptr));
+  if (kL2Hint) {
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(ptr));
+  } else {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(ptr));
+  }
   return r;
 }
 
@@ -104,76 +120,46 @@ __device__ __forceinline__ int load_length(const DecodeParams& p, int b) {
   return static_cast<int>(max(int64_t{0}, min(len, static_cast<int64_t>(p.T_cap))));
 }
 
+// One warp's share of a CTA: Q fragments, the output accumulator and the online-softmax state of
+// query-head rows g and g + 8 (m in the log2 domain; l a per-thread partial sum until finish()).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
-  constexpr int kChunks = D / 32;  // 16-byte K chunks per thread per key row (2 k-steps each)
-  constexpr int kNTiles = D / 8;   // n-tiles of P.V
-  constexpr int kVChunks = D / 64; // 16-byte V chunks per thread per key
-  constexpr int kPad = 4;          // smem row padding (floats)
-  __shared__ float sm_acc[kWarps][16][D + kPad];
-  __shared__ float sm_m[kWarps][16];
-  __shared__ float sm_l[kWarps][16];
+struct WarpAttn {
+  static constexpr int kChunks = D / 32;   // 16-byte K vectors per thread per key row (2 k-steps each)
+  static constexpr int kNTiles = D / 8;    // n-tiles of P.V
+  static constexpr int kVChunks = D / 64;  // 16-byte V vectors per thread per key
+  using KFrag = uint4[2][kChunks];         // rows 8u + g, d in [32i + 8c, +8)
+  using VFrag = uint4[4][kVChunks];        // rows 2c + {0, 1, 8, 9}, d in [64j + 8g, +8)
 
-  const int mt = blockIdx.x % p.m_tiles;
-  const int bh = blockIdx.x / p.m_tiles;
-  const int b = bh / p.H_kv, kvh = bh % p.H_kv;
-  const int split = blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane >> 2, c = lane & 3;  // MMA groupID (row / key / column) and thread-in-group
-
-  const int n = load_length(p, b);
-  const int start = split * p.chunk;
-  const int end = min(start + p.chunk, n);
-  const int rows = min(16, p.G - mt * 16);  // valid query-head rows of this tile
-  const int head0 = kvh * p.G + mt * 16;    // query head of row 0
-
-  // Q as A fragments, one per k-step s = 2i + h: thread (g, c) holds d = 32i + 8c + 4h + {0..3}.
-  const T* qb = static_cast<const T*>(p.q) + b * p.q_sb;
   uint32_t qa[D / 16][4];
+  float acc[kNTiles][4];
+  float m0, m1, l0, l1;
+
+  __device__ __forceinline__ void init(const DecodeParams& p, int b, int head0, int rows, int g, int c) {
+    // Q as A fragments, one per k-step s = 2i + h: thread (g, c) holds d = 32i + 8c + 4h + {0..3}.
+    const T* qb = static_cast<const T*>(p.q) + b * p.q_sb;
 #pragma unroll
-  for (int i = 0; i < kChunks; ++i) {
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    const uint4 r0 = g < rows ? *reinterpret_cast<const uint4*>(qb + (head0 + g) * p.q_sh + 32 * i + 8 * c) : zero;
-    const uint4 r1 =
-        g + 8 < rows ? *reinterpret_cast<const uint4*>(qb + (head0 + g + 8) * p.q_sh + 32 * i + 8 * c) : zero;
+    for (int i = 0; i < kChunks; ++i) {
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      const uint4 r0 = g < rows ? *reinterpret_cast<const uint4*>(qb + (head0 + g) * p.q_sh + 32 * i + 8 * c) : zero;
+      const uint4 r1 =
+          g + 8 < rows ? *reinterpret_cast<const uint4*>(qb + (head0 + g + 8) * p.q_sh + 32 * i + 8 * c) : zero;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      qa[2 * i + h][0] = word(r0, 2 * h);
-      qa[2 * i + h][1] = word(r1, 2 * h);
-      qa[2 * i + h][2] = word(r0, 2 * h + 1);
-      qa[2 * i + h][3] = word(r1, 2 * h + 1);
+      for (int h = 0; h < 2; ++h) {
+        qa[2 * i + h][0] = word(r0, 2 * h);
+        qa[2 * i + h][1] = word(r1, 2 * h);
+        qa[2 * i + h][2] = word(r0, 2 * h + 1);
+        qa[2 * i + h][3] = word(r1, 2 * h + 1);
+      }
     }
+#pragma unroll
+    for (int t = 0; t < kNTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    m0 = m1 = -INFINITY;
+    l0 = l1 = 0.f;
   }
 
-  float acc[kNTiles][4];
-#pragma unroll
-  for (int t = 0; t < kNTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g + 8
-
-  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh;
-  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + kvh * p.v_sh;
-
-  for (int base = start + warp * kBlockN; base < end; base += kCtaN) {
-    // Issue every load of the block before the first use.
-    uint4 kr[2][kChunks];
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int key = base + 8 * u + g;
-      const T* ptr = kb + static_cast<int64_t>(key) * p.k_st + 8 * c;
-#pragma unroll
-      for (int i = 0; i < kChunks; ++i) kr[u][i] = key < end ? ldg_stream(ptr + 32 * i) : make_uint4(0, 0, 0, 0);
-    }
-    uint4 vr[4][kVChunks];  // keys 2c, 2c + 1, 2c + 8, 2c + 9 of the block
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = base + 2 * c + (e & 1) + 8 * (e >> 1);
-      const T* ptr = vb + static_cast<int64_t>(key) * p.v_st + 8 * g;
-#pragma unroll
-      for (int j = 0; j < kVChunks; ++j) vr[e][j] = key < end ? ldg_stream(ptr + 64 * j) : make_uint4(0, 0, 0, 0);
-    }
-
-    // S = Q K^T for keys base + [0, 8) (u = 0) and base + [8, 16) (u = 1).
-    float s[2][4];
+  // S = Q K^T for keys base + [0, 8) (u = 0) and base + [8, 16) (u = 1);
+  // thread holds S[row g | g + 8][key 8u + 2c + {0, 1}].
+  __device__ __forceinline__ void scores(const KFrag& kr, float (&s)[2][4]) const {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       s[u][0] = s[u][1] = s[u][2] = s[u][3] = 0.f;
@@ -183,15 +169,18 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
         for (int h = 0; h < 2; ++h) Mma<T>::run(s[u], qa[2 * i + h], word(kr[u][i], 2 * h), word(kr[u][i], 2 * h + 1));
       }
     }
-    // Thread holds S[row g | g + 8][key 8u + 2c + {0, 1}].
+  }
+
+  // Online softmax over the block's scores, then acc += P V. Keys >= end are masked.
+  __device__ __forceinline__ void update(float (&s)[2][4], const VFrag& vr, int base, int end, int c, float scale_log2) {
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const bool ok = base + 8 * u + 2 * c + e < end;
-        s[u][e] = ok ? s[u][e] * p.scale_log2 : -INFINITY;
-        s[u][2 + e] = ok ? s[u][2 + e] * p.scale_log2 : -INFINITY;
+        s[u][e] = ok ? s[u][e] * scale_log2 : -INFINITY;
+        s[u][2 + e] = ok ? s[u][2 + e] * scale_log2 : -INFINITY;
         mx0 = fmaxf(mx0, s[u][e]);
         mx1 = fmaxf(mx1, s[u][2 + e]);
       }
@@ -226,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       acc[t][1] *= corr0;
       acc[t][2] *= corr1;
       acc[t][3] *= corr1;
-      // n-tile t, column g <-> d = 64 (t / 8) + 8 g + t % 8: element t % 8 of V chunk t / 8.
+      // n-tile t, column g <-> d = 64 (t / 8) + 8 g + t % 8: element t % 8 of V vector t / 8.
       const int j = t / 8, w = (t % 8) / 2;
       const uint32_t sel = (t % 2) ? 0x7632u : 0x5410u;  // high or low halves of the two keys
       const uint32_t b0 = __byte_perm(word(vr[0][j], w), word(vr[1][j], w), sel);
@@ -235,53 +224,241 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     }
   }
 
-  // Merge the 4 warps: row sums are per-thread partials until here.
+  // Merge the CTA's warps through shared memory (at least epilogue_floats<D>() floats; the caller
+  // makes sure nothing else uses it) and store the output or this chunk's partial.
+  __device__ __forceinline__ void finish(const DecodeParams& p, float* smem, int warp, int g, int c, int b, int head0,
+                                         int rows, int split) {
+    constexpr int kRow = D + 4;  // padded row (floats)
+    float* sm_acc = smem;                        // [kWarps][16][kRow]
+    float* sm_m = smem + kWarps * 16 * kRow;     // [kWarps][16]
+    float* sm_l = sm_m + kWarps * 16;            // [kWarps][16]
 #pragma unroll
-  for (int o = 1; o < 4; o <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, o);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, o);
-  }
-  if (c == 0) {
-    sm_m[warp][g] = m0;
-    sm_m[warp][g + 8] = m1;
-    sm_l[warp][g] = l0;
-    sm_l[warp][g + 8] = l1;
-  }
-#pragma unroll
-  for (int t = 0; t < kNTiles; ++t) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int d = 64 * (t / 8) + 8 * (2 * c + e) + t % 8;  // accumulator column 2c + e of n-tile t
-      sm_acc[warp][g][d] = acc[t][e];
-      sm_acc[warp][g + 8][d] = acc[t][2 + e];
+    for (int o = 1; o < 4; o <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, o);
     }
-  }
-  __syncthreads();
-
-  for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
-    const int row = idx / D, d = idx % D;
-    float mmax = -INFINITY;
+    if (c == 0) {
+      sm_m[warp * 16 + g] = m0;
+      sm_m[warp * 16 + g + 8] = m1;
+      sm_l[warp * 16 + g] = l0;
+      sm_l[warp * 16 + g + 8] = l1;
+    }
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) mmax = fmaxf(mmax, sm_m[w][row]);
-    float lsum = 0.f, o = 0.f;
-    if (mmax != -INFINITY) {
+    for (int t = 0; t < kNTiles; ++t) {
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float f = exp2f(sm_m[w][row] - mmax);
-        lsum += sm_l[w][row] * f;
-        o += sm_acc[w][row][d] * f;
+      for (int e = 0; e < 2; ++e) {
+        const int d = 64 * (t / 8) + 8 * (2 * c + e) + t % 8;  // accumulator column 2c + e of n-tile t
+        sm_acc[(warp * 16 + g) * kRow + d] = acc[t][e];
+        sm_acc[(warp * 16 + g + 8) * kRow + d] = acc[t][2 + e];
       }
     }
-    const int head = head0 + row;
-    const float val = lsum > 0.f ? o / lsum : 0.f;
-    if (p.splits == 1) {
-      static_cast<T*>(p.out)[(static_cast<int64_t>(b) * p.H_kv * p.G + head) * D + d] = Mma<T>::from_float(val);
-    } else {
-      const int64_t part = (static_cast<int64_t>(b) * p.H_kv * p.G + head) * p.splits + split;
-      p.o_part[part * D + d] = val;
-      if (d == 0) p.lse_part[part] = lsum > 0.f ? mmax + log2f(lsum) : -INFINITY;
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
+      const int row = idx / D, d = idx % D;
+      float mmax = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) mmax = fmaxf(mmax, sm_m[w * 16 + row]);
+      float lsum = 0.f, o = 0.f;
+      if (mmax != -INFINITY) {
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          const float f = exp2f(sm_m[w * 16 + row] - mmax);
+          lsum += sm_l[w * 16 + row] * f;
+          o += sm_acc[(w * 16 + row) * kRow + d] * f;
+        }
+      }
+      const int head = head0 + row;
+      const float val = lsum > 0.f ? o / lsum : 0.f;
+      if (p.splits == 1) {
+        static_cast<T*>(p.out)[(static_cast<int64_t>(b) * p.H_kv * p.G + head) * D + d] = Mma<T>::from_float(val);
+      } else {
+        const int64_t part = (static_cast<int64_t>(b) * p.H_kv * p.G + head) * p.splits + split;
+        p.o_part[part * D + d] = val;
+        if (d == 0) p.lse_part[part] = lsum > 0.f ? mmax + log2f(lsum) : -INFINITY;
+      }
     }
   }
+};
+
+template <int D>
+constexpr int epilogue_floats() {
+  return kWarps * 16 * (D + 4) + 2 * kWarps * 16;
+}
+
+// Which (sequence, kv head, head tile, chunk) this CTA owns and its key range [start, end).
+struct CtaWork {
+  int b, kvh, split, head0, rows, start, end;
+  __device__ __forceinline__ explicit CtaWork(const DecodeParams& p) {
+    const int mt = blockIdx.x % p.m_tiles;
+    const int bh = blockIdx.x / p.m_tiles;
+    b = bh / p.H_kv;
+    kvh = bh % p.H_kv;
+    split = blockIdx.y;
+    rows = min(16, p.G - mt * 16);  // valid query-head rows of this tile
+    head0 = kvh * p.G + mt * 16;    // query head of row 0
+    const int n = load_length(p, b);
+    start = split * p.chunk;
+    end = min(start + p.chunk, n);
+  }
+};
+
+// Loads straight into fragment registers. kPrefetch rotates them through the loop: the next block's K
+// is requested as soon as S = Q K^T has consumed this block's K, the next V once P V has consumed this
+// V (same registers, no extra buffers).
+template <typename T, int D, bool kPrefetch, bool kL2Hint>
+__global__ void __launch_bounds__(kThreads) decode_kernel_regs(const DecodeParams p) {
+  using W = WarpAttn<T, D>;
+  __shared__ __align__(16) float smem[epilogue_floats<D>()];
+  const CtaWork cw(p);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, c = lane & 3;  // MMA groupID (row / key / column) and thread-in-group
+  const int end = cw.end;
+  W st;
+  st.init(p, cw.b, cw.head0, cw.rows, g, c);
+  const T* kb = static_cast<const T*>(p.k) + cw.b * p.k_sb + cw.kvh * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + cw.b * p.v_sb + cw.kvh * p.v_sh;
+
+  typename W::KFrag kr;
+  typename W::VFrag vr;
+  auto load_k = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int key = base + 8 * u + g;
+      const T* ptr = kb + static_cast<int64_t>(key) * p.k_st + 8 * c;
+#pragma unroll
+      for (int i = 0; i < W::kChunks; ++i)
+        kr[u][i] = key < end ? ldg_stream<kL2Hint>(ptr + 32 * i) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto load_v = [&](int base) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = base + 2 * c + (e & 1) + 8 * (e >> 1);
+      const T* ptr = vb + static_cast<int64_t>(key) * p.v_st + 8 * g;
+#pragma unroll
+      for (int j = 0; j < W::kVChunks; ++j)
+        vr[e][j] = key < end ? ldg_stream<kL2Hint>(ptr + 64 * j) : make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  int base = cw.start + warp * kBlockN;
+  if (base < end) {
+    load_k(base);
+    load_v(base);
+  }
+  for (; base < end; base += kCtaN) {
+    const int next = base + kCtaN;
+    float s[2][4];
+    st.scores(kr, s);
+    if (kPrefetch && next < end) load_k(next);
+    st.update(s, vr, base, end, c, p.scale_log2);
+    if (next < end) {
+      if (!kPrefetch) load_k(next);
+      load_v(next);
+    }
+  }
+  st.finish(p, smem, warp, g, c, cw.b, cw.head0, cw.rows, cw.split);
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  // src-size 0 zero-fills the 16 bytes without reading (rows past the valid keys)
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr) : "memory");
+  return r;
+}
+
+// 16-byte slot of chunk `ch` of tile row `row`: XOR the low 3 bits (the slot within a 128-byte bank
+// window) so that K reads (rows 2m, 2m + 1; 4 consecutive chunks each) and V reads (rows r, r + 2,
+// r + 4, r + 6; 2 consecutive chunks each) of a quarter-warp hit 8 distinct slots.
+__device__ __forceinline__ int swizzle(int row, int ch) {
+  const int s = (row & 2) | ((((row >> 2) ^ row) & 1) << 2);
+  return ch ^ s;
+}
+
+template <int D, int kStages>
+constexpr int smem_ring_bytes() {
+  return kWarps * kStages * 2 * kBlockN * D * 2;  // per warp and stage: a K tile and a V tile, 2-byte types
+}
+
+// Each warp streams its 16-key K and V tiles through its own kStages-deep ring of shared memory with
+// cp.async (a warp load covers 2 whole key rows), kStages - 1 blocks ahead of the one it computes.
+template <typename T, int D, int kStages>
+__global__ void __launch_bounds__(kThreads) decode_kernel_smem(const DecodeParams p) {
+  using W = WarpAttn<T, D>;
+  constexpr int kRowBytes = D * 2;
+  constexpr int kTileBytes = kBlockN * kRowBytes;
+  constexpr int kStageBytes = 2 * kTileBytes;
+  constexpr int kChunksPerRow = kRowBytes / 16;
+  constexpr int kPerLane = kBlockN * kChunksPerRow / 32;  // 16-byte copies per lane per tile
+  extern __shared__ __align__(128) unsigned char smem[];
+  const CtaWork cw(p);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, c = lane & 3;
+  const int end = cw.end;
+  W st;
+  st.init(p, cw.b, cw.head0, cw.rows, g, c);
+  const T* kb = static_cast<const T*>(p.k) + cw.b * p.k_sb + cw.kvh * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + cw.b * p.v_sb + cw.kvh * p.v_sh;
+  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + warp * kStages * kStageBytes;
+  const int first = cw.start + warp * kBlockN;
+
+  auto issue = [&](int it) {  // this warp's it-th block -> stage it % kStages; always one commit group
+    const int base = first + it * kCtaN;
+    if (base < end) {
+      const uint32_t stage = ring + (it % kStages) * kStageBytes;
+#pragma unroll
+      for (int r = 0; r < kPerLane; ++r) {
+        const int q = lane + 32 * r, row = q / kChunksPerRow, ch = q % kChunksPerRow;
+        const bool ok = base + row < end;
+        const int64_t key = ok ? base + row : base;  // a readable address even when not read
+        const uint32_t off = row * kRowBytes + swizzle(row, ch) * 16;
+        cp_async16(stage + off, kb + key * p.k_st + ch * 8, ok);
+        cp_async16(stage + kTileBytes + off, vb + key * p.v_st + ch * 8, ok);
+      }
+    }
+    cp_async_commit();
+  };
+
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue(i);
+  int it = 0;
+  for (int base = first; base < end; base += kCtaN, ++it) {
+    issue(it + kStages - 1);
+    cp_async_wait<kStages - 1>();  // this lane's copies of block `it` have landed
+    __syncwarp();                  // ... and every lane's
+    const uint32_t stage = ring + (it % kStages) * kStageBytes;
+    typename W::KFrag kr;
+    typename W::VFrag vr;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int row = 8 * u + g;
+#pragma unroll
+      for (int i = 0; i < W::kChunks; ++i) kr[u][i] = lds128(stage + row * kRowBytes + swizzle(row, 4 * i + c) * 16);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = 2 * c + (e & 1) + 8 * (e >> 1);
+#pragma unroll
+      for (int j = 0; j < W::kVChunks; ++j)
+        vr[e][j] = lds128(stage + kTileBytes + row * kRowBytes + swizzle(row, 8 * j + g) * 16);
+    }
+    float s[2][4];
+    st.scores(kr, s);
+    st.update(s, vr, base, end, c, p.scale_log2);
+    __syncwarp();  // every lane has read this stage before it is refilled
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the rings are idle: reuse the shared memory for the warp merge
+  st.finish(p, reinterpret_cast<float*>(smem), warp, g, c, cw.b, cw.head0, cw.rows, cw.split);
 }
 
 // Merge the key chunks: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); no valid key -> 0.
@@ -303,25 +480,6 @@ __global__ void __launch_bounds__(D) combine_kernel(const DecodeParams p) {
   static_cast<T*>(p.out)[bh * D + d] = Mma<T>::from_float(wsum > 0.f ? o / wsum : 0.f);
 }
 
-template <typename T, int D>
-void launch(DecodeParams& p, const at::Tensor& q, cudaStream_t stream) {
-  at::Tensor o_part, lse_part;
-  if (p.splits > 1) {
-    const auto f32 = q.options().dtype(at::kFloat);
-    o_part = at::empty({p.B, p.H_kv * p.G, p.splits, D}, f32);
-    lse_part = at::empty({p.B, p.H_kv * p.G, p.splits}, f32);
-    p.o_part = o_part.data_ptr<float>();
-    p.lse_part = lse_part.data_ptr<float>();
-  }
-  const dim3 grid(static_cast<unsigned>(p.B * p.H_kv * p.m_tiles), static_cast<unsigned>(p.splits));
-  decode_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.splits > 1) {
-    combine_kernel<T, D><<<static_cast<unsigned>(p.B * p.H_kv * p.G), D, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
 int multiprocessor_count(int device) {
   static int cache[64] = {};  // per device; benign race: every writer stores the same value
   if (device < 0 || device >= 64) return 132;
@@ -333,6 +491,68 @@ int multiprocessor_count(int device) {
   return cache[device];
 }
 
+// Key chunks per sequence: the smallest count whose CTAs fill the GPU's resident slots in whole waves
+// (>= 90% wave efficiency, the flash-attention rule) and, where the keys allow, at least 1.5 waves,
+// so that enough loads are in flight at B = 1 and the last wave is not mostly idle.
+int choose_splits(int64_t ctas_per_split, int64_t slots, int64_t blocks) {
+  const int64_t max_splits = std::min<int64_t>(blocks, 256);
+  auto eligible = [&](int64_t s) { return s == 1 || (blocks + s - 1) / s != (blocks + s - 2) / (s - 1); };
+  auto waves = [&](int64_t s) { return static_cast<double>(ctas_per_split * s) / static_cast<double>(slots); };
+  auto eff = [&](int64_t s) { return waves(s) / std::ceil(waves(s)); };
+  double best = 0.0;
+  for (int64_t s = 1; s <= max_splits; ++s)
+    if (eligible(s)) best = std::max(best, eff(s));
+  for (int64_t s = 1; s <= max_splits; ++s)
+    if (eligible(s) && eff(s) >= 0.9 * best && (waves(s) >= 1.5 || waves(max_splits) < 1.5)) return static_cast<int>(s);
+  return static_cast<int>(max_splits);
+}
+
+// Kernel configurations: kStages > 0 selects decode_kernel_smem with that many stages, else
+// decode_kernel_regs<kPrefetch, kL2Hint>.
+template <typename T, int D, int kStages, bool kPrefetch, bool kL2Hint>
+void launch(DecodeParams& p, const at::Tensor& q, int64_t num_splits, cudaStream_t stream) {
+  static int resident = 0;  // CTAs per SM, per instantiation (same on every device we build for)
+  int smem_bytes = 0;
+  void (*kernel)(DecodeParams);
+  if constexpr (kStages > 0) {
+    kernel = decode_kernel_smem<T, D, kStages>;
+    smem_bytes = std::max<int>(smem_ring_bytes<D, kStages>(), epilogue_floats<D>() * 4);
+  } else {
+    kernel = decode_kernel_regs<T, D, kPrefetch, kL2Hint>;
+  }
+  if (resident == 0) {
+    if (smem_bytes > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, smem_bytes));
+  }
+  const int64_t blocks = std::max<int64_t>(1, (p.T_cap + kCtaN - 1) / kCtaN);
+  int64_t splits = num_splits > 0 ? num_splits
+                                  : choose_splits(static_cast<int64_t>(p.B) * p.H_kv * p.m_tiles,
+                                                  static_cast<int64_t>(multiprocessor_count(q.get_device())) *
+                                                      std::max(resident, 1),
+                                                  blocks);
+  splits = std::min(std::max<int64_t>(splits, 1), blocks);
+  const int64_t chunk_blocks = (blocks + splits - 1) / splits;
+  p.chunk = static_cast<int>(chunk_blocks * kCtaN);
+  p.splits = static_cast<int>((blocks + chunk_blocks - 1) / chunk_blocks);
+
+  at::Tensor o_part, lse_part;
+  if (p.splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    o_part = at::empty({p.B, p.H_kv * p.G, p.splits, D}, f32);
+    lse_part = at::empty({p.B, p.H_kv * p.G, p.splits}, f32);
+    p.o_part = o_part.data_ptr<float>();
+    p.lse_part = lse_part.data_ptr<float>();
+  }
+  const dim3 grid(static_cast<unsigned>(p.B * p.H_kv * p.m_tiles), static_cast<unsigned>(p.splits));
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.splits > 1) {
+    combine_kernel<T, D><<<static_cast<unsigned>(p.B * p.H_kv * p.G), D, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 bool aligned16(const at::Tensor& t) {
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
   for (int d = 0; d + 1 < t.dim(); ++d)
@@ -341,7 +561,7 @@ bool aligned16(const at::Tensor& t) {
 }
 
 void decode_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
-                 double scale, at::Tensor out, int64_t num_splits) {
+                 double scale, at::Tensor out, int64_t num_splits, int64_t variant) {
   TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device() && out.device() == q.device() &&
                   lengths.device() == q.device(),
               "decode: q, k, v, lengths and out must be on one CUDA device");
@@ -387,24 +607,28 @@ void decode_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   p.T_cap = static_cast<int>(T);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
-  // Key chunks: enough CTAs for ~`waves` CTAs per SM even at B = 1, chunks a multiple of kCtaN.
-  const int64_t blocks = std::max<int64_t>(1, (T + kCtaN - 1) / kCtaN);
-  int64_t splits = num_splits;
-  if (splits <= 0) {
-    const int64_t sms = multiprocessor_count(q.get_device());
-    const int64_t ctas = B * Hkv * p.m_tiles;
-    splits = (4 * sms + ctas - 1) / ctas;
-  }
-  splits = std::min(std::max<int64_t>(splits, 1), blocks);
-  const int64_t chunk_blocks = (blocks + splits - 1) / splits;
-  p.chunk = static_cast<int>(chunk_blocks * kCtaN);
-  p.splits = static_cast<int>((blocks + chunk_blocks - 1) / chunk_blocks);
-
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // variant: 0 = the default; 1..6 = benchmark-only alternatives for bf16, D = 128 (bench/kernels.py):
+  // 1 regs, 2 regs + prefetch, 3 regs + prefetch + L2 hint, 4/5/6 smem ring of 2/3/4 stages.
+  if (q.scalar_type() == at::kBFloat16 && D == 128 && variant > 0) {
+    using B16 = __nv_bfloat16;
+    switch (variant) {
+      case 1: return launch<B16, 128, 0, false, false>(p, q, num_splits, stream);
+      case 2: return launch<B16, 128, 0, true, false>(p, q, num_splits, stream);
+      case 3: return launch<B16, 128, 0, true, true>(p, q, num_splits, stream);
+      case 4: return launch<B16, 128, 2, false, false>(p, q, num_splits, stream);
+      case 5: return launch<B16, 128, 3, false, false>(p, q, num_splits, stream);
+      case 6: return launch<B16, 128, 4, false, false>(p, q, num_splits, stream);
+      default: TORCH_CHECK(false, "decode: unknown variant ", variant);
+    }
+  }
+  constexpr int S = kDefaultStages;
   if (q.scalar_type() == at::kBFloat16) {
-    D == 64 ? launch<__nv_bfloat16, 64>(p, q, stream) : launch<__nv_bfloat16, 128>(p, q, stream);
+    D == 64 ? launch<__nv_bfloat16, 64, S, true, true>(p, q, num_splits, stream)
+            : launch<__nv_bfloat16, 128, S, true, true>(p, q, num_splits, stream);
   } else {
-    D == 64 ? launch<__half, 64>(p, q, stream) : launch<__half, 128>(p, q, stream);
+    D == 64 ? launch<__half, 64, S, true, true>(p, q, num_splits, stream)
+            : launch<__half, 128, S, true, true>(p, q, num_splits, stream);
   }
 }
 

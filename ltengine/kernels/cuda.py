@@ -52,7 +52,7 @@ def _aligned_rows(t: torch.Tensor) -> bool:
     )
 
 
-def _decode(q, k, v, lengths, scale, out, num_splits):
+def _decode(q, k, v, lengths, scale, out, num_splits, variant=0):
     if _C is None or not has_cuda_ext():
         raise RuntimeError("ltengine._C was built without CUDA kernels (see setup.py)")
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
@@ -79,7 +79,7 @@ def _decode(q, k, v, lengths, scale, out, num_splits):
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
-    torch.ops.ltengine.decode(q, k, v, lengths, float(scale), out, int(num_splits))
+    torch.ops.ltengine.decode(q, k, v, lengths, float(scale), out, int(num_splits), int(variant))
     return out
 
 
@@ -92,13 +92,15 @@ def decode_full(
     *,
     out: torch.Tensor | None = None,
     num_splits: int = 0,
+    variant: int = 0,
 ) -> torch.Tensor:
     """Decode attention over keys [0, lengths[b]) of a full cache k/v [B, T_cap, H_kv, D] -> [B, H_q, D].
 
     Lengths must be <= T_cap (larger values are clamped on the device). ``num_splits`` = key chunks
-    per sequence (0: chosen to fill the GPU).
+    per sequence (0: chosen to fill the GPU). ``variant``: 0, or a benchmark-only kernel variant
+    (bf16, D = 128; see csrc/decode.cu).
     """
-    return _decode(q, k, v, lengths, scale, out, num_splits)
+    return _decode(q, k, v, lengths, scale, out, num_splits, variant)
 
 
 def decode_sink_window(
@@ -112,6 +114,7 @@ def decode_sink_window(
     *,
     out: torch.Tensor | None = None,
     num_splits: int = 0,
+    variant: int = 0,
 ) -> torch.Tensor:
     """Decode attention over a sink + window cache k/v [B, sink + window, H_kv, D] -> [B, H_q, D].
 
@@ -122,7 +125,7 @@ def decode_sink_window(
         raise ValueError(f"need sink >= 0 and window >= 1; got sink={sink}, window={window}")
     if k.dim() != 4 or k.shape[1] != sink + window:
         raise ValueError(f"k must be [B, sink + window = {sink + window}, H_kv, D]; got {tuple(k.shape)}")
-    return _decode(q, k, v, lengths, scale, out, num_splits)
+    return _decode(q, k, v, lengths, scale, out, num_splits, variant)
 
 
 def truncate_kv_(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, sink: int, window: int) -> torch.Tensor:
@@ -144,6 +147,10 @@ def truncate_kv_(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, sink: 
     if k.is_cuda and not has_cuda_ext():
         raise RuntimeError("ltengine._C was built without CUDA kernels (see setup.py)")
     dev_lengths = _check_lengths(lengths, k.shape[0], k.device)
+    if not k.is_cuda and dev_lengths.numel():  # CPU: free to check here (errors thrown from C++ are avoided)
+        lo, hi = int(dev_lengths.min()), int(dev_lengths.max())
+        if lo < 0 or hi > k.shape[1]:
+            raise ValueError(f"lengths must lie in [0, T_cap={k.shape[1]}]; got min {lo}, max {hi}")
     torch.ops.ltengine.truncate_kv_(k, v, dev_lengths, int(sink), int(window))
     return lengths.clamp(max=sink + window)
 
@@ -152,7 +159,7 @@ if _C is not None:
     # Shapes for torch.compile / meta tensors: the ops return nothing and write in place.
     try:
         @torch.library.register_fake("ltengine::decode")
-        def _decode_fake(q, k, v, lengths, scale, out, num_splits):
+        def _decode_fake(q, k, v, lengths, scale, out, num_splits, variant):
             return None
 
         @torch.library.register_fake("ltengine::truncate_kv_")
