@@ -511,7 +511,8 @@ int choose_splits(int64_t ctas_per_split, int64_t slots, int64_t blocks) {
 // decode_kernel_regs<kPrefetch, kL2Hint>.
 template <typename T, int D, int kStages, bool kPrefetch, bool kL2Hint>
 void launch(DecodeParams& p, const at::Tensor& q, int64_t num_splits, cudaStream_t stream) {
-  static int resident = 0;  // CTAs per SM, per instantiation (same on every device we build for)
+  static int resident = 0;       // CTAs per SM, per instantiation (same on every device we build for)
+  static bool smem_set[64] = {};  // dynamic shared-memory limit raised, per device
   int smem_bytes = 0;
   void (*kernel)(DecodeParams);
   if constexpr (kStages > 0) {
@@ -520,15 +521,16 @@ void launch(DecodeParams& p, const at::Tensor& q, int64_t num_splits, cudaStream
   } else {
     kernel = decode_kernel_regs<T, D, kPrefetch, kL2Hint>;
   }
-  if (resident == 0) {
-    if (smem_bytes > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, smem_bytes));
+  const int dev = q.get_device();
+  if (smem_bytes > 48 * 1024 && !(dev >= 0 && dev < 64 && smem_set[dev])) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    if (dev >= 0 && dev < 64) smem_set[dev] = true;
   }
+  if (resident == 0) C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, smem_bytes));
   const int64_t blocks = std::max<int64_t>(1, (p.T_cap + kCtaN - 1) / kCtaN);
   int64_t splits = num_splits > 0 ? num_splits
                                   : choose_splits(static_cast<int64_t>(p.B) * p.H_kv * p.m_tiles,
-                                                  static_cast<int64_t>(multiprocessor_count(q.get_device())) *
+                                                  static_cast<int64_t>(multiprocessor_count(dev)) *
                                                       std::max(resident, 1),
                                                   blocks);
   splits = std::min(std::max<int64_t>(splits, 1), blocks);
