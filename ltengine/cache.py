@@ -116,20 +116,25 @@ class SinkWindowKV:
         self.k = self.v = None  # type: ignore[assignment]
 
 
-def demote(full: FullKV, sink: int, window: int, truncate_kv_) -> SinkWindowKV:
-    """Truncate a full layer to sink + window in place and free the rest.
+def truncated(k: torch.Tensor, v: torch.Tensor, length: int, sink: int, window: int, truncate_kv_,
+              meter: KVMeter) -> SinkWindowKV:
+    """A streaming cache from a full buffer ``k``/``v`` ``[capacity, H_kv, D]`` holding ``length`` tokens.
 
     ``truncate_kv_`` (a kernel backend's op) compacts the buffer in place: the sink stays, the last
-    ``window`` valid tokens move into their ring slots right behind it. The compacted prefix is then
-    moved into a buffer of exactly that size, so the allocator gets the whole old buffer back.
+    ``window`` tokens move into their ring slots right behind it. The compacted prefix is then moved
+    into a buffer of exactly that size, so the allocator gets the whole old buffer back.
     """
-    length = full.length
-    keep = min(full.capacity, sink + window)
     if length > sink + window:
-        lengths = torch.tensor([length], dtype=torch.int32, device=full.k.device)
-        truncate_kv_(full.k.unsqueeze(0), full.v.unsqueeze(0), lengths, sink, window)
-    # (a cache of <= sink + window tokens already has token p in slot p = its ring slot)
-    lazy = SinkWindowKV(full.k[:keep].clone(), full.v[:keep].clone(), length, sink, window, full.meter)
+        lengths = torch.tensor([length], dtype=torch.int32, device=k.device)
+        truncate_kv_(k.unsqueeze(0), v.unsqueeze(0), lengths, sink, window)
+    # (a buffer of <= sink + window tokens already has token p in slot p = its ring slot)
+    keep = min(k.shape[0], sink + window)
+    return SinkWindowKV(k[:keep].clone(), v[:keep].clone(), length, sink, window, meter)
+
+
+def demote(full: FullKV, sink: int, window: int, truncate_kv_) -> SinkWindowKV:
+    """Truncate a stored full layer to sink + window in place, and free the rest."""
+    lazy = truncated(full.k, full.v, full.length, sink, window, truncate_kv_, full.meter)
     full.release()  # counted after the copy: both buffers exist for a moment
     return lazy
 

@@ -15,7 +15,9 @@ class LazyConfig:
     """How LightTransfer-Test turns layers lazy (sink + window KV cache).
 
     fraction: share of layers demoted to streaming attention, in [0, 1]; 0 = plain full attention.
-              Ignored when the engine has a ``kv_budget``: then the budget decides.
+              None (the default) means 0.5 without a ``kv_budget``, and "as few as the budget
+              allows" with one. A set fraction under a budget is a floor: a prompt too long for
+              the budget gets more lazy layers, never fewer.
     sink:     first tokens every streaming layer keeps (attention sinks), >= 1.
     window:   most recent tokens a streaming layer keeps, >= 1 (the query itself included).
     probe:    last prompt queries whose attention scores a layer's lazy ratio, >= 1.
@@ -25,7 +27,7 @@ class LazyConfig:
     seed:     seed of the "random" policy.
     """
 
-    fraction: float = 0.5
+    fraction: float | None = None
     sink: int = 4
     window: int = 1020
     probe: int = 64
@@ -33,8 +35,9 @@ class LazyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0.0 <= self.fraction <= 1.0:
-            raise ValueError(f"LazyConfig.fraction must be a number in [0, 1], got {self.fraction!r}")
+        if self.fraction is not None and (isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float))
+                                          or not 0.0 <= self.fraction <= 1.0):
+            raise ValueError(f"LazyConfig.fraction must be a number in [0, 1] (or None), got {self.fraction!r}")
         for name in ("sink", "window", "probe"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -55,15 +58,17 @@ class LazyConfig:
         """False when this config can never demote a layer (plain full attention)."""
         if isinstance(self.policy, tuple):
             return len(self.policy) > 0
-        return self.policy == "streaming" or self.fraction > 0
+        return self.policy == "streaming" or self.fraction is None or self.fraction > 0
 
-    def num_lazy(self, num_layers: int) -> int:
-        """Lazy layers the fixed fraction asks for: round(fraction * L)."""
+    def num_lazy(self, num_layers: int, budget: bool = False) -> int:
+        """Lazy layers the config asks for: round(fraction * L); with a budget and no fraction, 0
+        (the budget alone then decides)."""
         if isinstance(self.policy, tuple):
             return len(self.policy)
         if self.policy == "streaming":
             return num_layers
-        return int(round(self.fraction * num_layers))
+        fraction = (0.0 if budget else 0.5) if self.fraction is None else self.fraction
+        return int(round(fraction * num_layers))
 
     @classmethod
     def from_profile(cls, path: str | Path, **overrides) -> "LazyConfig":

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
-from .cache import KVMeter, SequenceKV
 from .config import FULL, LazyConfig, SamplingParams, format_bytes, parse_bytes
 from .kernels import get_backend
 from .lazy import make_policy
 from .models import DecoderAdapter, load_model
-from .runner import decode_step, prefill
+from .paged import PagedRunner
+from .pool import KVPool
+from .runner import ReferenceRunner
 from .sampling import sample
 
 # The embedded default model is tiny and less lazy than 7-8B models (see LIGHTTRANSFER.md).
@@ -55,11 +58,12 @@ class GenerationStats:
 class GenerationOutput:
     text: str
     token_ids: list[int]  # generated tokens (the EOS token included when it ended the sequence)
-    finish_reason: str  # "eos", "stop" (a stop string) or "length"
+    finish_reason: str  # "eos", "stop" (a stop string), "length", or "error" (see ``error``)
     lazy_layers: list[int]  # demoted layers, sorted
     lazy_ratios: list[float]  # lazy ratio of every layer
     stats: GenerationStats
     num_layers: int = 0
+    error: str | None = None  # why this prompt of a batch could not run (finish_reason "error")
 
     def summary(self) -> str:
         s = self.stats
@@ -81,8 +85,11 @@ class _Seq:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    error: str | None = None
     stats: GenerationStats | None = None
     decode_start: float = 0.0
+    handle: object = None  # the runner's per-sequence KV state
+    first_logits: torch.Tensor | None = None
 
 
 class Engine:
@@ -93,13 +100,19 @@ class Engine:
             ``from_pretrained``).
         tokenizer: its tokenizer; found from the model when omitted.
         lazy: which layers go lazy; ``None`` or ``LazyConfig(fraction=0)`` is plain full attention.
-        kv_budget: KV bytes one call may hold (int, or a string such as ``"12GiB"``); the number of
-            lazy layers then follows from the budget instead of ``lazy.fraction``.
+        kv_budget: KV bytes one call may hold (int, or a string such as ``"12GiB"``). Each prompt keeps
+            as many full layers as fit (at most ``1 - lazy.fraction`` of them when a fraction is set);
+            prompts wait until their worst-case KV fits beside the running ones.
         backend: ``"reference"`` forces the pure-PyTorch kernels; default picks the fastest available.
+        runner: ``"paged"`` (one block pool, one decode launch per layer, CUDA graphs; the default on
+            CUDA) or ``"reference"`` (contiguous per-sequence caches; the default on CPU).
+        block_size: tokens per pool block (paged runner).
+        score_layers: False skips lazy-ratio scoring (only for policies that need no scores).
     """
 
     def __init__(self, model, tokenizer=None, lazy: LazyConfig | None = LazyConfig(),
-                 kv_budget: int | str | None = None, backend: str | None = None, progress: bool | None = None):
+                 kv_budget: int | str | None = None, backend: str | None = None, runner: str = "auto",
+                 block_size: int = 64, score_layers: bool = True, progress: bool | None = None):
         if model is None or isinstance(model, (str, os.PathLike)):
             model, loaded_tok = load_model(model)
             tokenizer = tokenizer or loaded_tok
@@ -110,21 +123,43 @@ class Engine:
         self.tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(model)
         if lazy is not None and not isinstance(lazy, LazyConfig):
             raise ValueError(f"lazy must be a LazyConfig or None, got {type(lazy).__name__}")
+        if runner not in ("auto", "paged", "reference"):
+            raise ValueError(f"runner must be 'auto', 'paged' or 'reference', got {runner!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         self.lazy = lazy if lazy is not None else FULL
-        self.kv_budget = parse_bytes(kv_budget)
+        self._runners: dict = {}
+        self._kv_pool: KVPool | None = None
+        self.kv_budget = kv_budget
+        self._prefer = backend
         self.backend = get_backend(self.adapter.device, prefer=backend)
+        self.runner_kind = runner if runner != "auto" else ("paged" if self.adapter.device.type == "cuda" else "reference")
+        self.block_size = block_size
+        self.score_layers = score_layers
         self.progress = progress
         self.eos_ids = _eos_ids(model, self.tokenizer)
+        self.last_stats: dict = {}
+
+    @property
+    def kv_budget(self) -> int | None:
+        """KV bytes a call may hold (None: unbounded on CPU, most of the free memory on CUDA)."""
+        return self._kv_budget
+
+    @kv_budget.setter
+    def kv_budget(self, value: int | str | None) -> None:
+        self._kv_budget = parse_bytes(value)
+        self._runners.clear()  # pools and graphs are sized by the budget
+        self._kv_pool = None
 
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike | None = None, lazy: LazyConfig | None | str = "default",
-                        kv_budget: int | str | None = None, dtype=None, device=None, backend: str | None = None,
-                        progress: bool | None = None) -> "Engine":
-        """Load a model by path or hub id; ``None`` = the embedded SmolLM2-135M-Instruct (no download)."""
+                        kv_budget: int | str | None = None, dtype=None, device=None, **kwargs) -> "Engine":
+        """Load a model by path or hub id; ``None`` = the embedded SmolLM2-135M-Instruct (no download).
+        ``kwargs`` go to ``Engine`` (backend, runner, block_size, score_layers, progress)."""
         model, tokenizer = load_model(name, dtype=dtype, device=device)
         if isinstance(lazy, str) and lazy == "default":
             lazy = DEFAULT_MODEL_LAZY if name is None else LazyConfig()
-        return cls(model, tokenizer, lazy=lazy, kv_budget=kv_budget, backend=backend, progress=progress)
+        return cls(model, tokenizer, lazy=lazy, kv_budget=kv_budget, **kwargs)
 
     @property
     def backends(self) -> dict[str, str]:
@@ -188,7 +223,7 @@ class Engine:
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        if not getattr(self.tokenizer, "chat_template", None):
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template; use generate() with raw text")
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -226,6 +261,8 @@ class Engine:
             raise ValueError(f"prompt must be a non-empty string, a list of token ids, or a list of those; got {prompt!r:.80}")
         out = []
         for n, p in enumerate(batch):
+            if isinstance(p, str) and self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass token ids, or Engine(model, tokenizer)")
             ids = self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
             where = "" if single else f" (batch item {n})"
             if len(ids) == 0 or (isinstance(p, str) and not p.strip()):
@@ -251,48 +288,84 @@ class Engine:
                 raise ValueError(f"the model config uses a {shape.sliding_window}-token sliding window and {where} "
                                  f"needs {total} tokens; ltengine supports full-attention configs only")
 
-    def _bytes_per_token_layer(self) -> int:
-        s = self.adapter.shape
-        return 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=self.adapter.dtype).element_size()
+    def _runner(self, lazy: LazyConfig, prompts: list[list[int]], params: SamplingParams):
+        """The runner for this call: cached per (kind, sink, window) so pools and graphs persist."""
+        kind = self.runner_kind
+        key = (kind, lazy.sink, lazy.window)
+        runner = self._runners.get(key)
+        if kind == "reference":
+            if runner is None:
+                runner = ReferenceRunner(self.adapter, self.backend, lazy.sink, lazy.window, self.kv_budget)
+                self._runners[key] = runner
+            runner.meter.peak = runner.meter.current
+            return runner
+        if self.kv_budget is None and self.adapter.device.type != "cuda":
+            # no budget on CPU: a pool that holds exactly this call's prompts at full attention
+            shape = self.adapter.shape
+            blocks = sum(shape.num_layers * -(-(len(p) + params.max_new_tokens) // self.block_size) for p in prompts)
+            pool = KVPool(blocks + 1, self.block_size, shape.num_kv_heads, shape.head_dim, self.adapter.dtype,
+                          self.adapter.device)
+            return PagedRunner(self.adapter, self.backend, lazy.sink, lazy.window, pool, prefer=self._prefer)
+        if runner is None:
+            runner = PagedRunner(self.adapter, self.backend, lazy.sink, lazy.window, self._pool(), prefer=self._prefer)
+            self._runners[key] = runner
+        runner.pool.peak_used = runner.pool.used_blocks
+        return runner
 
-    def _plan(self, prompts: list[list[int]], params: SamplingParams, lazy: LazyConfig) -> list[int]:
-        """Full-KV layers each prompt may keep (its queue's capacity), checked before any work."""
+    def _pool(self) -> KVPool:
+        """The engine's one KV pool: ``kv_budget`` bytes, or most of the free GPU memory."""
+        if self._kv_pool is None:
+            shape, dev = self.adapter.shape, self.adapter.device
+            per_block = KVPool.block_bytes(self.block_size, shape.num_kv_heads, shape.head_dim, self.adapter.dtype)
+            budget = self.kv_budget
+            if budget is None:  # leave room for prefill activations of a long prompt and the graphs
+                free, _ = torch.cuda.mem_get_info(dev)
+                budget = int(free * 0.8) - (4 << 30)
+            self._kv_pool = KVPool(max(2, budget // per_block + 1), self.block_size, shape.num_kv_heads,
+                                   shape.head_dim, self.adapter.dtype, dev)
+        return self._kv_pool
+
+    def _plan(self, runner, ids: list[int], params: SamplingParams, lazy: LazyConfig) -> int:
+        """Full-KV layers this prompt keeps (its queue's capacity); ValueError if it can never fit."""
         num_layers = self.num_layers
-        fixed = num_layers - min(lazy.num_lazy(num_layers), num_layers) if lazy.enabled else num_layers
-        if self.kv_budget is None:
-            return [fixed] * len(prompts)
-        per = self._bytes_per_token_layer()
+        capacity = runner.capacity
+        n_full = num_layers - min(lazy.num_lazy(num_layers, budget=capacity is not None), num_layers) \
+            if lazy.enabled else num_layers
+        adaptive = lazy.enabled and not isinstance(lazy.policy, tuple) and lazy.policy != "streaming"
+        t, n = len(ids), params.max_new_tokens
+        if capacity is not None and adaptive:
+            while n_full > 0 and runner.footprint(t, n, n_full) > capacity:
+                n_full -= 1
+        if capacity is not None and runner.footprint(t, n, n_full) > capacity:
+            what = (f"even with every layer lazy (sink {lazy.sink} + window {lazy.window})" if adaptive or
+                    (lazy.enabled and lazy.policy == "streaming") else "with this lazy-layer policy")
+            need = self._as_bytes(runner, runner.footprint(t, n, n_full))
+            raise ValueError(f"kv_budget {format_bytes(self.kv_budget or 0)} is too small: {what} a prompt of {t} "
+                             f"tokens + {n} new tokens needs {format_bytes(need)} of KV")
+        return n_full
 
-        def footprint(ids, n_full):
-            total = len(ids) + params.max_new_tokens
-            stream = min(total, lazy.sink + lazy.window) if lazy.enabled else total
-            return per * (n_full * total + (num_layers - n_full) * stream)
-
-        if isinstance(lazy.policy, tuple) or lazy.policy == "streaming" or not lazy.enabled:
-            need = sum(footprint(ids, fixed) for ids in prompts)
-            if need > self.kv_budget:
-                raise ValueError(f"kv_budget {format_bytes(self.kv_budget)} is too small: this policy needs "
-                                 f"{format_bytes(need)} of KV for these prompts")
-            return [fixed] * len(prompts)
-        minimum = [footprint(ids, 0) for ids in prompts]
-        if sum(minimum) > self.kv_budget:
-            raise ValueError(f"kv_budget {format_bytes(self.kv_budget)} is too small: even with every layer lazy "
-                             f"(sink {lazy.sink} + window {lazy.window}) these prompts need {format_bytes(sum(minimum))}")
-        plans, used = [], 0
-        for n, ids in enumerate(prompts):
-            avail = self.kv_budget - used - sum(minimum[n + 1:])
-            n_full = max(f for f in range(num_layers + 1) if footprint(ids, f) <= avail or f == 0)
-            plans.append(n_full)
-            used += footprint(ids, n_full)
-        return plans
+    @staticmethod
+    def _as_bytes(runner, units: int) -> int:
+        return units * runner.pool.bytes_per_block if isinstance(runner, PagedRunner) else units
 
     def _run(self, prompts: list[list[int]], params: SamplingParams, lazy: LazyConfig, stream: bool = False):
-        """Prefill every prompt layer-major, then decode them together. Yields GenerationOutputs
-        in prompt order (with ``stream``, the growing text of the single prompt before its output)."""
+        """Admit prompts while their worst-case KV fits, prefill each layer-major, decode all running
+        ones together, finish them independently. Yields GenerationOutputs in prompt order (with
+        ``stream``, the growing text of the single prompt before its output)."""
         self._check_lengths(prompts, params)
-        plans = self._plan(prompts, params, lazy)
-        adapter, device = self.adapter, self.adapter.device
-        meter = KVMeter()
+        if lazy.enabled and lazy.policy in ("lighttransfer", "topk") and not self.score_layers:
+            raise ValueError(f"policy {lazy.policy!r} needs layer scores; construct the Engine with score_layers=True")
+        runner = self._runner(lazy, prompts, params)
+        seqs = [_Seq(ids, 0) for ids in prompts]
+        for n, seq in enumerate(seqs):
+            try:
+                seq.plan_full = self._plan(runner, seq.prompt, params, lazy)
+            except ValueError as e:
+                if len(seqs) == 1:
+                    raise
+                seq.finish_reason, seq.error = "error", f"prompt {n}: {e}"
+                seq.stats = GenerationStats(prompt_tokens=len(seq.prompt))
+        device = self.adapter.device
         cuda = device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -300,63 +373,106 @@ class Engine:
         if not params.greedy:
             generator = torch.Generator(device=device)
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        seqs = [_Seq(ids, plan) for ids, plan in zip(prompts, plans)]
-        per = self._bytes_per_token_layer()
-        first_tokens = []
+        per_bytes = self._bytes_per_token_layer()
+        waiting = deque(s for s in seqs if s.finish_reason is None)
+        running: list[_Seq] = []
+        tokens = None
+        t_start = time.perf_counter()
+        prefill_s = decode_s = 0.0
+        max_running = 0
         try:
-            for seq in seqs:
+            while waiting or running:
+                admitted = []
+                while waiting:
+                    need = runner.footprint(len(waiting[0].prompt), params.max_new_tokens, waiting[0].plan_full)
+                    if runner.free is not None and need > runner.free:
+                        if not running and not admitted:  # _plan guarantees a fit in an empty pool
+                            raise RuntimeError(f"scheduler: {need} KV units planned, {runner.free} free in an idle pool")
+                        break  # wait until running sequences finish
+                    seq = waiting.popleft()
+                    t0 = time.perf_counter()
+                    self._prefill(runner, seq, params, lazy, per_bytes)
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                    seq.stats.prefill_s = time.perf_counter() - t0
+                    prefill_s += seq.stats.prefill_s
+                    admitted.append(seq)
+                if admitted:
+                    first = sample(torch.stack([s.first_logits for s in admitted]), params, generator).tolist()
+                    for seq, tok in zip(admitted, first):
+                        seq.first_logits = None
+                        seq.decode_start = time.perf_counter()
+                        if self._accept(seq, tok, params):
+                            running.append(seq)
+                        else:
+                            self._finish(runner, seq)
+                    if stream and seqs[0].finish_reason is None:
+                        yield seqs[0].text
+                if not running:
+                    continue
+                max_running = max(max_running, len(running))
                 t0 = time.perf_counter()
-                policy = make_policy(lazy, self.num_layers, seq.plan_full) if lazy.enabled else _NeverPolicy()
-                ids = torch.tensor(seq.prompt, dtype=torch.long, device=device)
-                bar = self._progress_bar(len(seq.prompt))
-                res = prefill(adapter, ids, policy, self.backend, meter, lazy.sink, lazy.window, lazy.probe,
-                              progress=(lambda n, b=bar: b.update(1)) if bar else None)
-                if bar:
-                    bar.close()
-                seq.cache, seq.ratios, seq.lazy_layers = res.cache, res.ratios, res.cache.lazy_layers
-                seq.stats = GenerationStats(prompt_tokens=len(seq.prompt), kv_bytes_after_prefill=res.cache.nbytes,
-                                            full_kv_bytes=per * self.num_layers * len(seq.prompt))
-                for c in res.cache.layers:  # room for the decode tokens, counted in the plan
-                    c.reserve(len(seq.prompt) + params.max_new_tokens)
-                first_tokens.append(res.logits)
-                if cuda:
-                    torch.cuda.synchronize(device)
-                seq.stats.prefill_s = time.perf_counter() - t0
-            tokens = sample(torch.stack(first_tokens), params, generator)
-            active = list(range(len(seqs)))
-            t_decode = time.perf_counter()
-            for seq in seqs:
-                seq.decode_start = t_decode
-            while True:
-                toks = tokens.tolist()
+                toks = torch.tensor([s.tokens[-1] for s in running], device=device)
+                positions = torch.tensor([len(s.prompt) + len(s.tokens) - 1 for s in running], device=device)
+                logits = runner.decode([s.handle for s in running], toks, positions)
+                nxt = sample(logits, params, generator).tolist()
+                decode_s += time.perf_counter() - t0
                 still = []
-                for s, tok in zip(active, toks):
-                    if self._accept(seqs[s], tok, params):
-                        still.append(s)
+                for seq, tok in zip(running, nxt):
+                    if self._accept(seq, tok, params):
+                        still.append(seq)
                     else:
-                        seqs[s].stats.decode_s = time.perf_counter() - seqs[s].decode_start
-                        seqs[s].cache.release()
+                        self._finish(runner, seq)
+                running = still
                 if stream:
                     yield seqs[0].text
-                if not still:
-                    break
-                keep = [active.index(s) for s in still]
-                active = still
-                caches = [seqs[s].cache for s in active]
-                positions = torch.tensor([len(seqs[s].prompt) + len(seqs[s].tokens) - 1 for s in active], device=device)
-                logits = decode_step(adapter, caches, tokens[keep], positions, self.backend)
-                tokens = sample(logits, params, generator)
         finally:
             for seq in seqs:
-                if seq.cache is not None:
-                    seq.cache.release()
+                if seq.handle is not None:
+                    runner.release(seq.handle)
+                    seq.handle = None
+        wall = time.perf_counter() - t_start
+        peak_kv = runner.peak_kv_bytes if isinstance(runner, PagedRunner) else runner.meter.peak
         peak_cuda = torch.cuda.max_memory_allocated(device) if cuda else None
+        decode_tokens = sum(max(0, len(s.tokens) - 1) for s in seqs)
+        self.last_stats = {
+            "runner": runner.name, "attention": getattr(runner, "attn_name", "per-sequence"),
+            "wall_s": wall, "prefill_s": prefill_s, "decode_s": decode_s, "decode_tokens": decode_tokens,
+            "decode_tokens_per_s": decode_tokens / decode_s if decode_s else 0.0,
+            "peak_kv_bytes": peak_kv, "peak_cuda_allocated_bytes": peak_cuda, "max_running": max_running,
+            "pool_bytes": runner.pool.nbytes if isinstance(runner, PagedRunner) else self.kv_budget,
+            "pool_free_after": runner.free,
+        }
         for seq in seqs:
-            seq.stats.peak_kv_bytes = meter.peak
+            seq.stats.peak_kv_bytes = peak_kv
             seq.stats.peak_cuda_allocated_bytes = peak_cuda
             yield GenerationOutput(text=seq.text, token_ids=seq.tokens, finish_reason=seq.finish_reason,
-                                   lazy_layers=seq.lazy_layers,
-                                   lazy_ratios=seq.ratios, stats=seq.stats, num_layers=self.num_layers)
+                                   lazy_layers=seq.lazy_layers, lazy_ratios=seq.ratios, stats=seq.stats,
+                                   num_layers=self.num_layers, error=seq.error)
+
+    def _prefill(self, runner, seq: _Seq, params: SamplingParams, lazy: LazyConfig, per_bytes: int) -> None:
+        policy = make_policy(lazy, self.num_layers, seq.plan_full) if lazy.enabled else _NeverPolicy()
+        ids = torch.tensor(seq.prompt, dtype=torch.long, device=self.adapter.device)
+        bar = self._progress_bar(len(seq.prompt))
+        try:
+            res = runner.prefill(ids, policy, lazy.probe, params.max_new_tokens, score=self.score_layers,
+                                 progress=(lambda n: bar.update(1)) if bar else None)
+        finally:
+            if bar:
+                bar.close()
+        seq.handle, seq.ratios, seq.lazy_layers = res.handle, res.ratios, res.lazy_layers
+        seq.first_logits = res.logits
+        seq.stats = GenerationStats(prompt_tokens=len(seq.prompt), kv_bytes_after_prefill=res.kv_bytes,
+                                    full_kv_bytes=per_bytes * self.num_layers * len(seq.prompt))
+
+    def _finish(self, runner, seq: _Seq) -> None:
+        seq.stats.decode_s = time.perf_counter() - seq.decode_start
+        runner.release(seq.handle)
+        seq.handle = None
+
+    def _bytes_per_token_layer(self) -> int:
+        s = self.adapter.shape
+        return 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=self.adapter.dtype).element_size()
 
     def _accept(self, seq: _Seq, token: int, params: SamplingParams) -> bool:
         """Append a sampled token; returns False once the sequence is finished."""
@@ -364,9 +480,9 @@ class Engine:
         seq.stats.new_tokens = len(seq.tokens)
         if token in self.eos_ids and not params.ignore_eos:
             seq.finish_reason = "eos"
-            seq.text = self.tokenizer.decode(seq.tokens[:-1], skip_special_tokens=True)
+            seq.text = self._decode(seq.tokens[:-1])
             return False
-        seq.text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        seq.text = self._decode(seq.tokens)
         for stop in params.stop:
             at = seq.text.find(stop)
             if at >= 0:
@@ -376,6 +492,9 @@ class Engine:
             seq.finish_reason = "length"
             return False
         return True
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     def _progress_bar(self, prompt_tokens: int):
         show = self.progress if self.progress is not None else prompt_tokens >= 4096
@@ -394,11 +513,12 @@ class _NeverPolicy:
 
 
 def _find_tokenizer(model):
+    """The model's tokenizer from where it was loaded, or None (then only token ids go in and out)."""
     from transformers import AutoTokenizer
 
     source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
     if not source:
-        raise ValueError("could not find the tokenizer of this model; pass it: Engine(model, tokenizer)")
+        return None
     kwargs = {}
     quant = getattr(model.config, "quantization_config", None)
     gguf = quant.get("gguf_file") if isinstance(quant, dict) else getattr(quant, "gguf_file", None)
@@ -406,8 +526,10 @@ def _find_tokenizer(model):
         kwargs["gguf_file"] = gguf
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
-    except Exception as e:  # noqa: BLE001 - re-raised with the fix
-        raise ValueError(f"could not load the tokenizer from {source!r} ({e}); pass it: Engine(model, tokenizer)") from e
+    except Exception as e:  # noqa: BLE001 - a model without a findable tokenizer still runs on token ids
+        warnings.warn(f"ltengine: no tokenizer found at {source!r} ({type(e).__name__}); "
+                      "pass token ids, or Engine(model, tokenizer)")
+        return None
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -6,9 +6,8 @@ import torch
 
 from conftest import FAMILIES, tiny_model
 from ltengine import Engine, LazyConfig
-from ltengine.cache import KVMeter
 from ltengine.engine import _NeverPolicy
-from ltengine.runner import prefill
+from ltengine.runner import ReferenceRunner
 from reference_attention import masked_generate
 
 # 20 prompt lengths from 10 to 2,000 tokens (acceptance: full mode is token-exact on all of them)
@@ -22,9 +21,9 @@ def _prompt(tokenizer, text: str, n: int, offset: int) -> list[int]:
 
 
 def _first_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
-    t = torch.tensor(ids)
-    res = prefill(engine.adapter, t, _NeverPolicy(), engine.backend, KVMeter(), 4, 1020, 64)
-    res.cache.release()
+    runner = ReferenceRunner(engine.adapter, engine.backend, 4, 1020, None)
+    res = runner.prefill(torch.tensor(ids), _NeverPolicy(), 64, 1)
+    runner.release(res.handle)
     return res.logits
 
 
@@ -124,28 +123,39 @@ def test_kv_bytes_after_prefill_match_formula(family):
         assert out.stats.full_kv_bytes == per * 8 * t
 
 
-def test_budget_bounds_peak_kv_and_decides_lazy_layers():
+@pytest.mark.parametrize("runner", ["reference", "paged"])
+def test_budget_bounds_peak_kv_and_decides_lazy_layers(runner):
+    """The budget decides how many layers stay full, and KV stays within it: a layer the queue
+    demotes is truncated before the next layer's KV is stored. The paged runner allocates every
+    layer's decode room at prefill, so it never exceeds the budget; the reference runner grows each
+    full layer by max_new_tokens after prefill, one layer at a time: at most one prompt-sized layer
+    above the budget, for a moment."""
     model = tiny_model("llama", layers=8)
     per = 2 * 2 * 16 * 4
-    t, n_new, sink, window = 300, 4, 4, 28
+    t, n_new, sink, window = 300, 4, 4, 28  # multiples of the paged runner's 16-token blocks
     total = t + n_new
+    blocks = -(-total // 16) * 16
     for n_full in (0, 3, 8):
-        budget = per * (n_full * total + (8 - n_full) * (sink + window))
-        engine = Engine(model, _IdsTokenizer(), lazy=LazyConfig(sink=sink, window=window), kv_budget=budget)
+        budget = per * (n_full * (total if runner == "reference" else blocks) + (8 - n_full) * (sink + window))
+        engine = Engine(model, _IdsTokenizer(), lazy=LazyConfig(sink=sink, window=window), kv_budget=budget,
+                        runner=runner, block_size=16)
         out = engine.generate([i % 256 for i in range(t)], max_new_tokens=n_new)
         assert len(out.lazy_layers) == 8 - n_full
-        one_layer = per * total
-        assert out.stats.peak_kv_bytes <= budget + one_layer, (out.stats.peak_kv_bytes, budget)
+        in_flight = per * t if runner == "reference" else 0
+        assert out.stats.peak_kv_bytes <= budget + in_flight, (out.stats.peak_kv_bytes, budget)
         assert out.stats.kv_bytes_after_prefill <= budget
+        assert engine.last_stats["runner"] == runner
 
 
-def test_budget_given_as_string_and_per_prompt_decisions():
+@pytest.mark.parametrize("runner", ["reference", "paged"])
+def test_budget_given_as_string_and_per_prompt_decisions(runner):
     model = tiny_model("llama", layers=8)
-    engine = Engine(model, _IdsTokenizer(), lazy=LazyConfig(sink=4, window=28), kv_budget="1MiB")
+    engine = Engine(model, _IdsTokenizer(), lazy=LazyConfig(sink=4, window=28), kv_budget="1MiB", runner=runner)
     outs = engine.generate([[i % 256 for i in range(n)] for n in (50, 200, 700)], max_new_tokens=4)
     assert engine.kv_budget == 2**20
-    assert all(o.stats.peak_kv_bytes <= 2**20 + 2 * 2 * 16 * 4 * 704 for o in outs)
+    assert all(o.stats.peak_kv_bytes <= 2**20 + (2 * 2 * 16 * 4 * 700 if runner == "reference" else 0) for o in outs)
     assert len({len(o.lazy_layers) for o in outs}) > 1  # each prompt gets its own decision
+    assert all(o.finish_reason == "length" for o in outs)
 
 
 def test_batch_equals_one_at_a_time():

@@ -54,7 +54,7 @@ def test_prompt_longer_than_context(engine):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(fraction=1.5), r"fraction must be a number in \[0, 1\], got 1.5"),
+    (dict(fraction=1.5), r"fraction must be a number in \[0, 1\] \(or None\), got 1.5"),
     (dict(fraction=-0.1), r"fraction must be a number in \[0, 1\]"),
     (dict(sink=0), r"sink must be a positive integer \(>= 1\), got 0"),
     (dict(window=-3), r"window must be a positive integer \(>= 1\), got -3"),

@@ -1,0 +1,62 @@
+"""KVPool: one preallocated K and V block pool that every layer of every sequence draws from.
+
+A block holds ``block_size`` tokens of one layer of one sequence, all KV heads: the pool tensors are
+``[num_blocks, block_size, H_kv, D]`` (token-major inside a block, like the contiguous caches). A
+full layer owns ``ceil((prompt + max_new_tokens) / block_size)`` blocks from admission to finish; a
+lazy layer owns ``ceil(min(that, sink + window) / block_size)``. Truncation hands blocks back at once.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class PoolExhausted(RuntimeError):
+    pass
+
+
+class KVPool:
+    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        if num_blocks < 1:
+            raise ValueError(f"a KV pool needs at least one block, got {num_blocks}")
+        self.block_size = block_size
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low block ids first
+        self.peak_used = 0
+
+    @staticmethod
+    def block_bytes(block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes of one K block plus one V block."""
+        return 2 * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.k[0].nbytes + self.v[0].nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def alloc(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise PoolExhausted(f"KV pool has {len(self._free)} free blocks, {n} requested")
+        out = [self._free.pop() for _ in range(n)]
+        self.peak_used = max(self.peak_used, self.used_blocks)
+        return out
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
