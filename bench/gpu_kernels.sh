@@ -30,8 +30,8 @@ python3 -c "import ltengine.kernels as K; print(K.available_backends('cuda')); p
 echo "== SASS (default decode kernel, bf16 D=128)"
 so=$(ls ltengine/_C*.so)
 cuobjdump -sass "$so" > "$OUT/sass.txt" 2>&1
-awk '/Function : .*decode_kernel_smemI13__nv_bfloat16Li128ELi3/{f=1;next} /Function :/{f=0} f' "$OUT/sass.txt" > "$OUT/sass_decode_bf16_128.txt"
-for ins in "LDGSTS" "LDG" "LDS.128" "LDS" "HMMA.16816.F32.BF16" "LDL" "STL" "SHFL" "MUFU.EX2" "PRMT" "BAR"; do
+awk '/Function : .*decode_kernelI13__nv_bfloat16Li128/{f=1;next} /Function :/{f=0} f' "$OUT/sass.txt" > "$OUT/sass_decode_bf16_128.txt"
+for ins in "LDG.E.NA.LTC256B.128" "LDG" "HMMA.16816.F32.BF16" "LDL" "STL" "SHFL" "MUFU.EX2" "PRMT" "BAR"; do
   printf "  %-22s %s\n" "$ins" "$(grep -c "$ins" "$OUT/sass_decode_bf16_128.txt")"
 done
 echo "== does a TORCH_CHECK thrown in the extension reach Python? (run 1 segfaulted on one)"
@@ -44,14 +44,17 @@ except Exception as e:
     print('raised', type(e).__name__)
 "
 echo "rc=$?"
+python3 -c "import torch; print('torch cxx11 abi', torch._C._GLIBCXX_USE_CXX11_ABI)"
+/opt/gcc/bin/gcc --version | head -1; gcc --version | head -1; ldd ltengine/_C*.so | grep -E "stdc|gcc_s"
 
 echo "== tests"
 start=$(date +%s)
-timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py > "$OUT/pytest.log" 2>&1
+timeout 300 python3 -m pytest -q -rs --durations=12 -p no:cacheprovider tests/test_kernels.py > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$? in $(( $(date +%s) - start )) s"
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30
 grep -E "^SKIPPED" "$OUT/pytest.log" | head -10
+grep -A14 "slowest" "$OUT/pytest.log"
 
 echo "== bench"
 timeout 240 python3 bench/kernels.py

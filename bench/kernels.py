@@ -164,13 +164,6 @@ def bench_point(pt, copy_bw, results, tune=False):
         torch.cuda.empty_cache()
 
     if tune and kcuda.has_cuda_ext():
-        var = {}
-        for variant in range(7):
-            ms, _ = time_ms(lambda: run_all(lambda q, k, v: impls["cuda"](q, k, v, variant=variant)), reps=15)
-            var[variant] = pt["bytes"] / (ms / layers * 1e-3) / GB
-        print("  cuda variant -> GB/s (0 default; 1 regs, 2 +prefetch, 3 +L2 hint, 4/5/6 smem 2/3/4 stages): "
-              + ", ".join(f"{k}:{v:.0f}" for k, v in var.items()))
-        results.append(dict(point=pt["name"], impl="cuda_variant_sweep", gbps_by_variant=var))
         sp = {}
         for ns in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
             if (ns - 1) * 64 >= pt["cap"]:
@@ -261,7 +254,7 @@ def main():
     ]
     for name, kw in points:
         pt = make_point(name, **kw)
-        bench_point(pt, copy_bw, results, tune=name in ("sw_B64", "full_B8_32k", "sw_B1"))
+        bench_point(pt, copy_bw, results, tune=True)
         del pt
         torch.cuda.empty_cache()
     bench_truncate(results)

@@ -19,12 +19,11 @@
 //  * P.V: the output column d may also be permuted (undone when storing), so each thread's n values
 //    across the D/8 n-tiles are 8 consecutive d values: thread (g, c) holds keys 2c + {0, 1, 8, 9},
 //    d in [64j + 8g, +8). The two keys of a B-fragment register are paired with one byte_perm.
-// Two ways to get those vectors from memory:
-//  * decode_kernel_regs: straight from global memory into registers (a warp load covers 8 rows x 64 B),
-//    optionally rotating the next block's loads into the registers the MMAs just consumed.
-//  * decode_kernel_smem: each warp streams its 16-key K and V tiles into its own ring of shared-memory
-//    stages with cp.async (a warp load covers 2 whole rows, several blocks in flight), then reads the
-//    same fragments with 16-byte shared loads; an XOR swizzle keeps both read patterns conflict-free.
+// The vectors go straight from global memory into registers (a warp load covers 8 rows x 64 B, with an
+// L2 hint to fetch whole 256-byte rows), and the loads rotate through the loop: the next block's K is
+// requested as soon as S = Q K^T has consumed this block's K, the next V once P V has consumed this V,
+// so every warp keeps a block in flight with no extra registers. (A cp.async shared-memory ring of 2-4
+// stages per warp measured the same bandwidth, within 1.5%, and was dropped: bench/KERNELS_NOTES.md.)
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -42,8 +41,7 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kBlockN = 16;                  // keys per warp per step
 constexpr int kCtaN = kWarps * kBlockN;      // keys per CTA per step; chunks are multiples of this
-// Default configuration: cp.async ring of 3 stages per warp (bench/KERNELS_NOTES.md has the numbers).
-constexpr int kDefaultStages = 3;
+constexpr int kMaxSplits = 256;              // key chunks per sequence, at most
 
 struct DecodeParams {
   const void* q;
@@ -94,20 +92,13 @@ struct Mma<__half> {
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
 };
 
-// 16-byte streaming load: KV is read once per step, so keep it out of L1. kL2Hint asks L2 to fetch
-// the whole 256-byte segment on a miss (a warp load covers half lines of 8 rows; the next load the rest).
-template <bool kL2Hint>
+// 16-byte streaming load: KV is read once per step, so keep it out of L1; on an L2 miss fetch the whole
+// 256-byte segment (a warp load covers half lines of 8 rows, the next load of the block the rest).
 __device__ __forceinline__ uint4 ldg_stream(const void* ptr) {
   uint4 r;
-  if (kL2Hint) {
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(ptr));
-  } else {
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(ptr));
-  }
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(ptr));
   return r;
 }
 
@@ -302,11 +293,8 @@ struct CtaWork {
   }
 };
 
-// Loads straight into fragment registers. kPrefetch rotates them through the loop: the next block's K
-// is requested as soon as S = Q K^T has consumed this block's K, the next V once P V has consumed this
-// V (same registers, no extra buffers).
-template <typename T, int D, bool kPrefetch, bool kL2Hint>
-__global__ void __launch_bounds__(kThreads) decode_kernel_regs(const DecodeParams p) {
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
   using W = WarpAttn<T, D>;
   __shared__ __align__(16) float smem[epilogue_floats<D>()];
   const CtaWork cw(p);
@@ -327,7 +315,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel_regs(const DecodeParam
       const T* ptr = kb + static_cast<int64_t>(key) * p.k_st + 8 * c;
 #pragma unroll
       for (int i = 0; i < W::kChunks; ++i)
-        kr[u][i] = key < end ? ldg_stream<kL2Hint>(ptr + 32 * i) : make_uint4(0, 0, 0, 0);
+        kr[u][i] = key < end ? ldg_stream(ptr + 32 * i) : make_uint4(0, 0, 0, 0);
     }
   };
   auto load_v = [&](int base) {
@@ -337,7 +325,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel_regs(const DecodeParam
       const T* ptr = vb + static_cast<int64_t>(key) * p.v_st + 8 * g;
 #pragma unroll
       for (int j = 0; j < W::kVChunks; ++j)
-        vr[e][j] = key < end ? ldg_stream<kL2Hint>(ptr + 64 * j) : make_uint4(0, 0, 0, 0);
+        vr[e][j] = key < end ? ldg_stream(ptr + 64 * j) : make_uint4(0, 0, 0, 0);
     }
   };
 
@@ -350,132 +338,43 @@ __global__ void __launch_bounds__(kThreads) decode_kernel_regs(const DecodeParam
     const int next = base + kCtaN;
     float s[2][4];
     st.scores(kr, s);
-    if (kPrefetch && next < end) load_k(next);
+    if (next < end) load_k(next);  // this block's K is consumed: keep the next one in flight
     st.update(s, vr, base, end, c, p.scale_log2);
-    if (next < end) {
-      if (!kPrefetch) load_k(next);
-      load_v(next);
-    }
+    if (next < end) load_v(next);
   }
   st.finish(p, smem, warp, g, c, cw.b, cw.head0, cw.rows, cw.split);
 }
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  // src-size 0 zero-fills the 16 bytes without reading (rows past the valid keys)
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ uint4 lds128(uint32_t addr) {
-  uint4 r;
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr) : "memory");
-  return r;
-}
-
-// 16-byte slot of chunk `ch` of tile row `row`: XOR the low 3 bits (the slot within a 128-byte bank
-// window) so that K reads (rows 2m, 2m + 1; 4 consecutive chunks each) and V reads (rows r, r + 2,
-// r + 4, r + 6; 2 consecutive chunks each) of a quarter-warp hit 8 distinct slots.
-__device__ __forceinline__ int swizzle(int row, int ch) {
-  const int s = (row & 2) | ((((row >> 2) ^ row) & 1) << 2);
-  return ch ^ s;
-}
-
-template <int D, int kStages>
-constexpr int smem_ring_bytes() {
-  return kWarps * kStages * 2 * kBlockN * D * 2;  // per warp and stage: a K tile and a V tile, 2-byte types
-}
-
-// Each warp streams its 16-key K and V tiles through its own kStages-deep ring of shared memory with
-// cp.async (a warp load covers 2 whole key rows), kStages - 1 blocks ahead of the one it computes.
-template <typename T, int D, int kStages>
-__global__ void __launch_bounds__(kThreads) decode_kernel_smem(const DecodeParams p) {
-  using W = WarpAttn<T, D>;
-  constexpr int kRowBytes = D * 2;
-  constexpr int kTileBytes = kBlockN * kRowBytes;
-  constexpr int kStageBytes = 2 * kTileBytes;
-  constexpr int kChunksPerRow = kRowBytes / 16;
-  constexpr int kPerLane = kBlockN * kChunksPerRow / 32;  // 16-byte copies per lane per tile
-  extern __shared__ __align__(128) unsigned char smem[];
-  const CtaWork cw(p);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane >> 2, c = lane & 3;
-  const int end = cw.end;
-  W st;
-  st.init(p, cw.b, cw.head0, cw.rows, g, c);
-  const T* kb = static_cast<const T*>(p.k) + cw.b * p.k_sb + cw.kvh * p.k_sh;
-  const T* vb = static_cast<const T*>(p.v) + cw.b * p.v_sb + cw.kvh * p.v_sh;
-  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + warp * kStages * kStageBytes;
-  const int first = cw.start + warp * kBlockN;
-
-  auto issue = [&](int it) {  // this warp's it-th block -> stage it % kStages; always one commit group
-    const int base = first + it * kCtaN;
-    if (base < end) {
-      const uint32_t stage = ring + (it % kStages) * kStageBytes;
-#pragma unroll
-      for (int r = 0; r < kPerLane; ++r) {
-        const int q = lane + 32 * r, row = q / kChunksPerRow, ch = q % kChunksPerRow;
-        const bool ok = base + row < end;
-        const int64_t key = ok ? base + row : base;  // a readable address even when not read
-        const uint32_t off = row * kRowBytes + swizzle(row, ch) * 16;
-        cp_async16(stage + off, kb + key * p.k_st + ch * 8, ok);
-        cp_async16(stage + kTileBytes + off, vb + key * p.v_st + ch * 8, ok);
-      }
-    }
-    cp_async_commit();
-  };
-
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) issue(i);
-  int it = 0;
-  for (int base = first; base < end; base += kCtaN, ++it) {
-    issue(it + kStages - 1);
-    cp_async_wait<kStages - 1>();  // this lane's copies of block `it` have landed
-    __syncwarp();                  // ... and every lane's
-    const uint32_t stage = ring + (it % kStages) * kStageBytes;
-    typename W::KFrag kr;
-    typename W::VFrag vr;
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int row = 8 * u + g;
-#pragma unroll
-      for (int i = 0; i < W::kChunks; ++i) kr[u][i] = lds128(stage + row * kRowBytes + swizzle(row, 4 * i + c) * 16);
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = 2 * c + (e & 1) + 8 * (e >> 1);
-#pragma unroll
-      for (int j = 0; j < W::kVChunks; ++j)
-        vr[e][j] = lds128(stage + kTileBytes + row * kRowBytes + swizzle(row, 8 * j + g) * 16);
-    }
-    float s[2][4];
-    st.scores(kr, s);
-    st.update(s, vr, base, end, c, p.scale_log2);
-    __syncwarp();  // every lane has read this stage before it is refilled
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // the rings are idle: reuse the shared memory for the warp merge
-  st.finish(p, reinterpret_cast<float*>(smem), warp, g, c, cw.b, cw.head0, cw.rows, cw.split);
-}
-
 // Merge the key chunks: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); no valid key -> 0.
+// One CTA of D threads per (sequence, query head); the weights go through shared memory and the
+// partial loads are unrolled so that many are in flight (a serial loop here cost ~10 us at B = 1).
 template <typename T, int D>
 __global__ void __launch_bounds__(D) combine_kernel(const DecodeParams p) {
+  __shared__ float w[kMaxSplits];
+  __shared__ float warp_max[D / 32];
   const int64_t bh = blockIdx.x;  // b * H_q + head
   const int d = threadIdx.x;
   const float* lse = p.lse_part + bh * p.splits;
-  float mmax = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) mmax = fmaxf(mmax, lse[s]);
+  float mx = -INFINITY;
+  for (int s = d; s < p.splits; s += D) {
+    w[s] = lse[s];
+    mx = fmaxf(mx, w[s]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (d % 32 == 0) warp_max[d / 32] = mx;
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) mx = fmaxf(mx, warp_max[i]);
+  const float ref = mx == -INFINITY ? 0.f : mx;  // every chunk empty: all weights 0
+  for (int s = d; s < p.splits; s += D) w[s] = exp2f(w[s] - ref);
+  __syncthreads();
+  const float* part = p.o_part + bh * p.splits * D + d;
   float wsum = 0.f, o = 0.f;
-  if (mmax != -INFINITY) {
-    for (int s = 0; s < p.splits; ++s) {
-      const float w = exp2f(lse[s] - mmax);
-      wsum += w;
-      o += w * p.o_part[(bh * p.splits + s) * D + d];
-    }
+#pragma unroll 8
+  for (int s = 0; s < p.splits; ++s) {
+    wsum += w[s];
+    o += w[s] * part[static_cast<int64_t>(s) * D];
   }
   static_cast<T*>(p.out)[bh * D + d] = Mma<T>::from_float(wsum > 0.f ? o / wsum : 0.f);
 }
@@ -495,7 +394,7 @@ int multiprocessor_count(int device) {
 // (>= 90% wave efficiency, the flash-attention rule) and, where the keys allow, at least 1.5 waves,
 // so that enough loads are in flight at B = 1 and the last wave is not mostly idle.
 int choose_splits(int64_t ctas_per_split, int64_t slots, int64_t blocks) {
-  const int64_t max_splits = std::min<int64_t>(blocks, 256);
+  const int64_t max_splits = std::min<int64_t>(blocks, kMaxSplits);
   auto eligible = [&](int64_t s) { return s == 1 || (blocks + s - 1) / s != (blocks + s - 2) / (s - 1); };
   auto waves = [&](int64_t s) { return static_cast<double>(ctas_per_split * s) / static_cast<double>(slots); };
   auto eff = [&](int64_t s) { return waves(s) / std::ceil(waves(s)); };
@@ -507,33 +406,19 @@ int choose_splits(int64_t ctas_per_split, int64_t slots, int64_t blocks) {
   return static_cast<int>(max_splits);
 }
 
-// Kernel configurations: kStages > 0 selects decode_kernel_smem with that many stages, else
-// decode_kernel_regs<kPrefetch, kL2Hint>.
-template <typename T, int D, int kStages, bool kPrefetch, bool kL2Hint>
+template <typename T, int D>
 void launch(DecodeParams& p, const at::Tensor& q, int64_t num_splits, cudaStream_t stream) {
-  static int resident = 0;       // CTAs per SM, per instantiation (same on every device we build for)
-  static bool smem_set[64] = {};  // dynamic shared-memory limit raised, per device
-  int smem_bytes = 0;
-  void (*kernel)(DecodeParams);
-  if constexpr (kStages > 0) {
-    kernel = decode_kernel_smem<T, D, kStages>;
-    smem_bytes = std::max<int>(smem_ring_bytes<D, kStages>(), epilogue_floats<D>() * 4);
-  } else {
-    kernel = decode_kernel_regs<T, D, kPrefetch, kL2Hint>;
-  }
+  static int resident = 0;  // CTAs per SM (same on every device we build for)
+  if (resident == 0)
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, decode_kernel<T, D>, kThreads, 0));
   const int dev = q.get_device();
-  if (smem_bytes > 48 * 1024 && !(dev >= 0 && dev < 64 && smem_set[dev])) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-    if (dev >= 0 && dev < 64) smem_set[dev] = true;
-  }
-  if (resident == 0) C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, smem_bytes));
   const int64_t blocks = std::max<int64_t>(1, (p.T_cap + kCtaN - 1) / kCtaN);
   int64_t splits = num_splits > 0 ? num_splits
                                   : choose_splits(static_cast<int64_t>(p.B) * p.H_kv * p.m_tiles,
                                                   static_cast<int64_t>(multiprocessor_count(dev)) *
                                                       std::max(resident, 1),
                                                   blocks);
-  splits = std::min(std::max<int64_t>(splits, 1), blocks);
+  splits = std::min({std::max<int64_t>(splits, 1), blocks, static_cast<int64_t>(kMaxSplits)});
   const int64_t chunk_blocks = (blocks + splits - 1) / splits;
   p.chunk = static_cast<int>(chunk_blocks * kCtaN);
   p.splits = static_cast<int>((blocks + chunk_blocks - 1) / chunk_blocks);
@@ -547,7 +432,7 @@ void launch(DecodeParams& p, const at::Tensor& q, int64_t num_splits, cudaStream
     p.lse_part = lse_part.data_ptr<float>();
   }
   const dim3 grid(static_cast<unsigned>(p.B * p.H_kv * p.m_tiles), static_cast<unsigned>(p.splits));
-  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
+  decode_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.splits > 1) {
     combine_kernel<T, D><<<static_cast<unsigned>(p.B * p.H_kv * p.G), D, 0, stream>>>(p);
@@ -563,7 +448,7 @@ bool aligned16(const at::Tensor& t) {
 }
 
 void decode_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
-                 double scale, at::Tensor out, int64_t num_splits, int64_t variant) {
+                 double scale, at::Tensor out, int64_t num_splits) {
   TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device() && out.device() == q.device() &&
                   lengths.device() == q.device(),
               "decode: q, k, v, lengths and out must be on one CUDA device");
@@ -610,27 +495,10 @@ void decode_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // variant: 0 = the default; 1..6 = benchmark-only alternatives for bf16, D = 128 (bench/kernels.py):
-  // 1 regs, 2 regs + prefetch, 3 regs + prefetch + L2 hint, 4/5/6 smem ring of 2/3/4 stages.
-  if (q.scalar_type() == at::kBFloat16 && D == 128 && variant > 0) {
-    using B16 = __nv_bfloat16;
-    switch (variant) {
-      case 1: return launch<B16, 128, 0, false, false>(p, q, num_splits, stream);
-      case 2: return launch<B16, 128, 0, true, false>(p, q, num_splits, stream);
-      case 3: return launch<B16, 128, 0, true, true>(p, q, num_splits, stream);
-      case 4: return launch<B16, 128, 2, false, false>(p, q, num_splits, stream);
-      case 5: return launch<B16, 128, 3, false, false>(p, q, num_splits, stream);
-      case 6: return launch<B16, 128, 4, false, false>(p, q, num_splits, stream);
-      default: TORCH_CHECK(false, "decode: unknown variant ", variant);
-    }
-  }
-  constexpr int S = kDefaultStages;
   if (q.scalar_type() == at::kBFloat16) {
-    D == 64 ? launch<__nv_bfloat16, 64, S, true, true>(p, q, num_splits, stream)
-            : launch<__nv_bfloat16, 128, S, true, true>(p, q, num_splits, stream);
+    D == 64 ? launch<__nv_bfloat16, 64>(p, q, num_splits, stream) : launch<__nv_bfloat16, 128>(p, q, num_splits, stream);
   } else {
-    D == 64 ? launch<__half, 64, S, true, true>(p, q, num_splits, stream)
-            : launch<__half, 128, S, true, true>(p, q, num_splits, stream);
+    D == 64 ? launch<__half, 64>(p, q, num_splits, stream) : launch<__half, 128>(p, q, num_splits, stream);
   }
 }
 

@@ -3,7 +3,7 @@
 // Ops live in torch.ops.ltengine (dispatcher-registered, so CUDA-graph capture and torch.compile
 // see real ops); importing ltengine._C loads this library and registers them.
 //   truncate_kv_(k, v, lengths, sink, window)            CPU + CUDA, any dtype, in place
-//   decode(q, k, v, lengths, scale, out, num_splits, variant)  CUDA only, bf16/fp16, D in {64, 128}
+//   decode(q, k, v, lengths, scale, out, num_splits)     CUDA only, bf16/fp16, D in {64, 128}
 #include <torch/extension.h>
 
 #include <cstring>
@@ -71,9 +71,7 @@ void truncate_kv_cpu(at::Tensor k, at::Tensor v, const at::Tensor& lengths, int6
 
 TORCH_LIBRARY(ltengine, m) {
   m.def("truncate_kv_(Tensor(a!) k, Tensor(b!) v, Tensor lengths, int sink, int window) -> ()");
-  m.def(
-      "decode(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale, Tensor(a!) out, int num_splits, "
-      "int variant) -> ()");
+  m.def("decode(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale, Tensor(a!) out, int num_splits) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ltengine, CPU, m) { m.impl("truncate_kv_", &ltengine::truncate_kv_cpu); }

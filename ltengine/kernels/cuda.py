@@ -40,7 +40,9 @@ def _check_lengths(lengths: torch.Tensor, batch: int, device: torch.device) -> t
         raise ValueError(f"lengths must be [B={batch}], got shape {tuple(lengths.shape)}")
     if lengths.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"lengths must be int32 or int64, got {lengths.dtype}")
-    return lengths.to(device).contiguous()
+    if lengths.device != device or not lengths.is_contiguous():
+        lengths = lengths.to(device).contiguous()
+    return lengths
 
 
 def _aligned_rows(t: torch.Tensor) -> bool:
@@ -52,7 +54,7 @@ def _aligned_rows(t: torch.Tensor) -> bool:
     )
 
 
-def _decode(q, k, v, lengths, scale, out, num_splits, variant=0):
+def _decode(q, k, v, lengths, scale, out, num_splits):
     if _C is None or not has_cuda_ext():
         raise RuntimeError("ltengine._C was built without CUDA kernels (see setup.py)")
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
@@ -79,7 +81,7 @@ def _decode(q, k, v, lengths, scale, out, num_splits, variant=0):
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
-    torch.ops.ltengine.decode(q, k, v, lengths, float(scale), out, int(num_splits), int(variant))
+    torch.ops.ltengine.decode(q, k, v, lengths, float(scale), out, int(num_splits))
     return out
 
 
@@ -92,15 +94,13 @@ def decode_full(
     *,
     out: torch.Tensor | None = None,
     num_splits: int = 0,
-    variant: int = 0,
 ) -> torch.Tensor:
     """Decode attention over keys [0, lengths[b]) of a full cache k/v [B, T_cap, H_kv, D] -> [B, H_q, D].
 
     Lengths must be <= T_cap (larger values are clamped on the device). ``num_splits`` = key chunks
-    per sequence (0: chosen to fill the GPU). ``variant``: 0, or a benchmark-only kernel variant
-    (bf16, D = 128; see csrc/decode.cu).
+    per sequence (0: chosen to fill the GPU).
     """
-    return _decode(q, k, v, lengths, scale, out, num_splits, variant)
+    return _decode(q, k, v, lengths, scale, out, num_splits)
 
 
 def decode_sink_window(
@@ -114,7 +114,6 @@ def decode_sink_window(
     *,
     out: torch.Tensor | None = None,
     num_splits: int = 0,
-    variant: int = 0,
 ) -> torch.Tensor:
     """Decode attention over a sink + window cache k/v [B, sink + window, H_kv, D] -> [B, H_q, D].
 
@@ -125,7 +124,7 @@ def decode_sink_window(
         raise ValueError(f"need sink >= 0 and window >= 1; got sink={sink}, window={window}")
     if k.dim() != 4 or k.shape[1] != sink + window:
         raise ValueError(f"k must be [B, sink + window = {sink + window}, H_kv, D]; got {tuple(k.shape)}")
-    return _decode(q, k, v, lengths, scale, out, num_splits, variant)
+    return _decode(q, k, v, lengths, scale, out, num_splits)
 
 
 def truncate_kv_(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, sink: int, window: int) -> torch.Tensor:
@@ -159,7 +158,7 @@ if _C is not None:
     # Shapes for torch.compile / meta tensors: the ops return nothing and write in place.
     try:
         @torch.library.register_fake("ltengine::decode")
-        def _decode_fake(q, k, v, lengths, scale, out, num_splits, variant):
+        def _decode_fake(q, k, v, lengths, scale, out, num_splits):
             return None
 
         @torch.library.register_fake("ltengine::truncate_kv_")

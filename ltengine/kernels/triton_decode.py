@@ -130,7 +130,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _decode(q, k, v, lengths, scale, out=None, num_splits=0, block_n=64, num_warps=4, num_stages=2):
+def _decode(q, k, v, lengths, scale, out=None, num_splits=0, block_n=32, num_warps=4, num_stages=2):
     split_kernel, combine_kernel = _kernels()
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"expected q [B, H_q, D], k, v [B, T, H_kv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
