@@ -109,6 +109,57 @@ class DecoderAdapter:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.inner.norm(h)).float()
 
+    def fused_weights(self) -> list[dict]:
+        """Per layer, one QKV and one gate/up weight for the fused decode path.
+
+        Built once. The model's own q/k/v and gate/up parameters are re-pointed at row slices of the
+        fused tensors, so the weights exist once in memory and the HF modules still work.
+        """
+        if getattr(self, "_fused", None) is not None:
+            return self._fused
+        if any(type(getattr(layer.mlp, "act_fn", None)).__name__ not in ("SiLUActivation", "SiLU")
+               for layer in self.layers):
+            return None  # the fused MLP assumes SiLU gating
+        fused = []
+        with torch.no_grad():
+            for layer in self.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                entry = {"qkv_w": _merge(attn.q_proj, attn.k_proj, attn.v_proj),
+                         "qkv_b": _merge_bias(attn.q_proj, attn.k_proj, attn.v_proj),
+                         "gate_up_w": _merge(mlp.gate_proj, mlp.up_proj),
+                         "o": attn.o_proj, "down": mlp.down_proj,
+                         "ln1": layer.input_layernorm, "ln2": layer.post_attention_layernorm,
+                         "qn": attn.q_norm.weight if self.has_qk_norm else None,
+                         "kn": attn.k_norm.weight if self.has_qk_norm else None}
+                fused.append(entry)
+        self._fused = fused
+        return fused
+
+
+def _merge(*linears) -> torch.Tensor:
+    """Concatenate the weights of ``linears`` along the output rows; the modules keep views."""
+    merged = torch.cat([m.weight.data for m in linears], dim=0)
+    at = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = merged[at: at + n]
+        at += n
+    return merged
+
+
+def _merge_bias(*linears) -> torch.Tensor | None:
+    if all(m.bias is None for m in linears):
+        return None
+    merged = torch.cat([m.bias.data if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
+                        for m in linears])
+    at = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        if m.bias is not None:
+            m.bias.data = merged[at: at + n]
+        at += n
+    return merged
+
 
 def _active_sliding_window(config) -> int | None:
     window = getattr(config, "sliding_window", None)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kernels import fused
 from .kernels.paged import pick_paged_decode
 from .lazy import LayerPolicy
 from .models import DecoderAdapter
@@ -43,6 +44,9 @@ class PagedRunner:
         self.capacity = pool.num_blocks - 1
         self.max_blocks = max(1, pool.blocks_for(min(s.max_context, pool.num_blocks * pool.block_size)))
         self.graphs = (pool.k.device.type == "cuda") if graphs is None else graphs
+        # fused decode kernels (CUDA, fp16/bf16); the HF modules otherwise
+        self.fused = adapter.fused_weights() if fused.available(pool.k.device, pool.k.dtype) and prefer != "reference" \
+            else None
         self._batch: tuple | None = None
         self._static: dict[int, dict] = {}
 
@@ -161,6 +165,8 @@ class PagedRunner:
         flat_v = pool.v.view(-1, *pool.v.shape[2:])
         h = a.embed(st["tokens"].view(b, 1))
         cos, sin = a.rope(h, pos.view(b, 1))
+        if self.fused is not None:
+            return self._step_fused(st, h[:, 0], cos[:, 0], sin[:, 0], row, tables, n_valid, flat_k, flat_v)
         for i in range(a.shape.num_layers):
             q, k, v = a.qkv(i, h, cos, sin)
             flat_k.index_copy_(0, row[i], k[:, 0])
@@ -168,6 +174,27 @@ class PagedRunner:
             o = self.attn(q[:, 0], pool.k, pool.v, tables[i], n_valid[i], a.scale)
             h = a.finish_layer(i, h, o.reshape(b, 1, -1))
         st["logits"].copy_(a.logits(h[:, -1]))
+        return st["logits"]
+
+    def _step_fused(self, st, x, cos, sin, row, tables, n_valid, flat_k, flat_v) -> torch.Tensor:
+        """The decode step with merged projections and fused elementwise kernels: per layer two
+        norms, three GEMMs, one RoPE + KV-store kernel, the attention and the gated MLP."""
+        a, shape = self.adapter, self.adapter.shape
+        h_q, h_kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        layers = self.fused
+        b = x.shape[0]
+        eps = layers[0]["ln1"].variance_epsilon
+        normed, resid = fused.add_rmsnorm(x, None, layers[0]["ln1"].weight, eps)
+        for i, w in enumerate(layers):
+            qkv = torch.nn.functional.linear(normed, w["qkv_w"], w["qkv_b"])
+            q = fused.rope_store(qkv, cos, sin, h_q, h_kv, d, flat_k, flat_v, row[i], w["qn"], w["kn"], eps)
+            o = self.attn(q, self.pool.k, self.pool.v, tables[i], n_valid[i], a.scale)
+            o = w["o"](o.reshape(b, -1))
+            normed, resid = fused.add_rmsnorm(o, resid, w["ln2"].weight, eps)
+            m = w["down"](fused.silu_mul(torch.nn.functional.linear(normed, w["gate_up_w"])))
+            nxt = layers[i + 1]["ln1"].weight if i + 1 < len(layers) else a.inner.norm.weight
+            normed, resid = fused.add_rmsnorm(m, resid, nxt, eps)
+        st["logits"].copy_(a.model.lm_head(normed).float())
         return st["logits"]
 
     @torch.inference_mode()

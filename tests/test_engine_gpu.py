@@ -38,29 +38,54 @@ def test_fp32_engine_on_gpu_equals_reference_path(family):
             assert o.token_ids == r.token_ids, (runner, family)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_bf16_kernels_and_graphs_agree_with_reference(family):
-    """bf16, head dim 64: Triton paged decode inside CUDA graphs vs. the contiguous runner forced to
-    the PyTorch reference kernels. Greedy tokens may part at a near-tie, so compare the first-step
-    and teacher-forced logits to the bf16 tolerance, and most tokens exactly."""
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_bf16_fused_paged_decode_agrees_with_reference(family):
+    """bf16, head dim 64: the paged runner (fused kernels, Triton paged attention, CUDA graphs) and the
+    contiguous runner on the PyTorch reference kernels, fed the same tokens (teacher forcing): the
+    same lazy layers, and every step's logits within the bf16 tolerance (relative error <= 3e-2;
+    two bf16 implementations of a 4-layer model differ by about 1e-2)."""
     import transformers as tf
+
+    from ltengine.lazy import make_policy
+    from ltengine.paged import PagedRunner
+    from ltengine.pool import KVPool
+    from ltengine.runner import ReferenceRunner
 
     cfg = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                num_key_value_heads=2, head_dim=64, max_position_embeddings=8192, initializer_range=0.1,
                eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    cls, conf = {"llama": (tf.LlamaForCausalLM, tf.LlamaConfig), "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config),
+                 "qwen3": (tf.Qwen3ForCausalLM, tf.Qwen3Config)}[family]
     torch.manual_seed(0)
-    cls = tf.LlamaForCausalLM if family == "llama" else tf.Qwen3ForCausalLM
-    config = (tf.LlamaConfig if family == "llama" else tf.Qwen3Config)(**cfg)
-    model = cls(config).to(device="cuda", dtype=torch.bfloat16).eval()
-    lazy = LazyConfig(fraction=0.5, sink=4, window=60)
-    prompts = _prompts(2, (50, 700, 3000))
-    ref = Engine(model, _Ids(), lazy=lazy, runner="reference", backend="reference").generate(prompts, max_new_tokens=24)
-    fast = Engine(model, _Ids(), lazy=lazy, runner="paged", kv_budget="256MiB")
-    outs = fast.generate(prompts, max_new_tokens=24)
-    assert fast.last_stats["attention"] == "triton"
-    same = sum(a == b for r, o in zip(ref, outs) for a, b in zip(r.token_ids, o.token_ids))
-    assert all(o.lazy_layers == r.lazy_layers for r, o in zip(ref, outs))
-    assert same >= 0.9 * 24 * 3, f"only {same}/72 tokens agree"
+    model = cls(conf(**cfg)).to(device="cuda", dtype=torch.bfloat16).eval()
+    if family == "qwen2":  # give the qkv biases values, so the fused bias is tested
+        for layer in model.model.layers:
+            for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(m.bias, std=0.1)
+    engine = Engine(model, _Ids(), lazy=None)
+    ref_backend = get_backend("cuda", prefer="reference")
+    sink, window = 4, 60
+    for n in (50, 700, 3000):
+        ids = torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        lazy = LazyConfig(fraction=0.5, sink=sink, window=window)
+        ref = ReferenceRunner(engine.adapter, ref_backend, sink, window, None)
+        pool = KVPool(4 * 4 * (n + 40) // 16 + 8, 16, 2, 64, torch.bfloat16, torch.device("cuda"))
+        fast = PagedRunner(engine.adapter, engine.backend, sink, window, pool)
+        assert fast.fused is not None and fast.attn_name == "triton" and fast.graphs
+        a = ref.prefill(torch.tensor(ids, device="cuda"), make_policy(lazy, 4, 2), 64, 24)
+        b = fast.prefill(torch.tensor(ids, device="cuda"), make_policy(lazy, 4, 2), 64, 24)
+        assert a.lazy_layers == b.lazy_layers and len(a.lazy_layers) == 2
+        logits_a, logits_b = a.logits[None], b.logits[None]
+        for step in range(24):
+            rel = ((logits_b - logits_a).norm() / logits_a.norm()).item()
+            assert rel <= 3e-2, f"{family}, prompt {n}, step {step}: logits relative error {rel:.3e}"
+            tok = logits_a.argmax(-1)
+            pos = torch.tensor([n + step], device="cuda")
+            logits_a = ref.decode([a.handle], tok, pos)
+            logits_b = fast.decode([b.handle], tok, pos).clone()
+        ref.release(a.handle)
+        fast.release(b.handle)
+        assert pool.used_blocks == 1  # only the scratch block
 
 
 def test_truncation_frees_memory_the_allocator_reuses():
@@ -77,7 +102,8 @@ def test_truncation_frees_memory_the_allocator_reuses():
     freed = before - after
     assert freed >= 2 * (t - 1024) * h * d * 2, f"only {freed} bytes freed"
     reserved = torch.cuda.memory_reserved()
-    reuse = torch.empty(2 * (t - 1024) * h * d, dtype=torch.bfloat16, device="cuda")  # the freed size
+    # a new layer of the same size takes the freed K and V blocks: reserved memory does not grow
+    reuse = [torch.empty(t, h, d, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
     assert torch.cuda.memory_reserved() == reserved, "the allocator had to grow instead of reusing"
     del reuse, lazy
 

@@ -75,10 +75,10 @@ def test_paged_decode_in_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out.copy_(paged_decode_triton(q, k, v, tables, n, 0.1))
-    n.copy_(torch.tensor([3000, 5, 1, 64], dtype=torch.int32))  # lengths change between replays
-    # rebuild a valid case for the new lengths: same pool, longer table rows point at clean blocks
-    k2 = torch.nan_to_num(k, nan=0.5)
-    k.copy_(k2)
+    # lengths change between replays (within each row's table: 34 entries of 64 slots); the
+    # entries past a row's own blocks point at block 0, so un-poison the pool to make them valid
+    n.copy_(torch.tensor([2100, 5, 1, 640], dtype=torch.int32))
+    k.copy_(torch.nan_to_num(k, nan=0.5))
     v.copy_(torch.nan_to_num(v, nan=0.5))
     graph.replay()
     torch.cuda.synchronize()

@@ -99,8 +99,10 @@ def num_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: int = 64
     return max(1, min(want, -(-max_tokens // block_n), 64))
 
 
-def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, splits: int | None = None):
-    """Split-K (flash-decoding) paged decode; fp32 accumulation. Same contract as ``paged_decode_ref``."""
+def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, splits: int | None = None,
+                        block_n: int | None = None, num_warps: int = 4, num_stages: int = 2):
+    """Split-K (flash-decoding) paged decode; fp32 accumulation. Same contract as ``paged_decode_ref``.
+    ``splits``/``block_n``/``num_warps``/``num_stages``: tuning knobs (defaults from bench/RESULTS.md)."""
     b, h_q, d = q.shape
     bs, h_kv = k_pool.shape[1], k_pool.shape[2]
     g = h_q // h_kv
@@ -110,13 +112,13 @@ def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, splits:
     part_m = torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     q = q.contiguous()
-    block_n = min(64, bs)
+    block_n = min(block_n or 64, bs)
     _paged_split_kernel[(b, h_kv, splits)](
         q, k_pool, v_pool, block_tables, n_valid, part_o, part_m, part_l,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_m.stride(0), part_m.stride(1),
         scale, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=block_n, SPLITS=splits,
-        num_warps=4, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
     out = torch.empty_like(q)
     _combine_kernel[(b, h_q)](part_o, part_m, part_l, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),
                               part_m.stride(0), part_m.stride(1), out.stride(0), out.stride(1),
