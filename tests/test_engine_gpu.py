@@ -40,10 +40,13 @@ def test_fp32_engine_on_gpu_equals_reference_path(family):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_bf16_fused_paged_decode_agrees_with_reference(family):
-    """bf16, head dim 64: the paged runner (fused kernels, Triton paged attention, CUDA graphs) and the
-    contiguous runner on the PyTorch reference kernels, fed the same tokens (teacher forcing): the
-    same lazy layers, and every step's logits within the bf16 tolerance (relative error <= 3e-2;
-    two bf16 implementations of a 4-layer model differ by about 1e-2)."""
+    """bf16, head dim 64: the paged runner (fused kernels, Triton paged attention, CUDA graphs) against
+    the same model upcast to fp32 on the contiguous runner's PyTorch reference kernels, all fed the
+    fp32 model's greedy tokens (teacher forcing). Tolerance from the reference's own rounding: at
+    every step the fast path's logits error is at most 2x that of the bf16 model on the reference
+    kernels, + 1e-2; and the same lazy layers."""
+    import copy
+
     import transformers as tf
 
     from ltengine.lazy import make_policy
@@ -62,29 +65,34 @@ def test_bf16_fused_paged_decode_agrees_with_reference(family):
         for layer in model.model.layers:
             for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(m.bias, std=0.1)
+    engine32 = Engine(copy.deepcopy(model).float(), _Ids(), lazy=None)
     engine = Engine(model, _Ids(), lazy=None)
     ref_backend = get_backend("cuda", prefer="reference")
     sink, window = 4, 60
+
+    def rel(x, y):
+        return ((x - y).norm() / y.norm()).item()
+
     for n in (50, 700, 3000):
-        ids = torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        ids = torch.tensor(torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist(),
+                           device="cuda")
         lazy = LazyConfig(fraction=0.5, sink=sink, window=window)
+        ref32 = ReferenceRunner(engine32.adapter, ref_backend, sink, window, None)
         ref = ReferenceRunner(engine.adapter, ref_backend, sink, window, None)
         pool = KVPool(4 * 4 * (n + 40) // 16 + 8, 16, 2, 64, torch.bfloat16, torch.device("cuda"))
         fast = PagedRunner(engine.adapter, engine.backend, sink, window, pool)
         assert fast.fused is not None and fast.attn_name == "triton" and fast.graphs
-        a = ref.prefill(torch.tensor(ids, device="cuda"), make_policy(lazy, 4, 2), 64, 24)
-        b = fast.prefill(torch.tensor(ids, device="cuda"), make_policy(lazy, 4, 2), 64, 24)
-        assert a.lazy_layers == b.lazy_layers and len(a.lazy_layers) == 2
-        logits_a, logits_b = a.logits[None], b.logits[None]
+        runs = [r.prefill(ids, make_policy(lazy, 4, 2), 64, 24) for r in (ref32, ref, fast)]
+        assert runs[0].lazy_layers == runs[1].lazy_layers == runs[2].lazy_layers and len(runs[0].lazy_layers) == 2
+        logits = [r.logits[None].float() for r in runs]
         for step in range(24):
-            rel = ((logits_b - logits_a).norm() / logits_a.norm()).item()
-            assert rel <= 3e-2, f"{family}, prompt {n}, step {step}: logits relative error {rel:.3e}"
-            tok = logits_a.argmax(-1)
+            own, err = rel(logits[1], logits[0]), rel(logits[2], logits[0])
+            assert err <= 2 * own + 1e-2, f"{family}, prompt {n}, step {step}: error {err:.3e}, bf16 reference {own:.3e}"
+            tok = logits[0].argmax(-1)
             pos = torch.tensor([n + step], device="cuda")
-            logits_a = ref.decode([a.handle], tok, pos)
-            logits_b = fast.decode([b.handle], tok, pos).clone()
-        ref.release(a.handle)
-        fast.release(b.handle)
+            logits = [r.decode([x.handle], tok, pos).float().clone() for r, x in zip((ref32, ref, fast), runs)]
+        for r, x in zip((ref32, ref, fast), runs):
+            r.release(x.handle)
         assert pool.used_blocks == 1  # only the scratch block
 
 
