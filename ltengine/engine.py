@@ -375,6 +375,11 @@ class Engine:
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         per_bytes = self._bytes_per_token_layer()
         waiting = deque(s for s in seqs if s.finish_reason is None)
+        show = self.progress if self.progress is not None else len(seqs) >= 16
+        bar = None
+        if show and len(seqs) > 1:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(seqs), initial=len(seqs) - len(waiting), desc="requests", unit="req")
         running: list[_Seq] = []
         tokens = None
         t_start = time.perf_counter()
@@ -405,7 +410,7 @@ class Engine:
                         if self._accept(seq, tok, params):
                             running.append(seq)
                         else:
-                            self._finish(runner, seq)
+                            self._finish(runner, seq, bar)
                     if stream and seqs[0].finish_reason is None:
                         yield seqs[0].text
                 if not running:
@@ -422,11 +427,13 @@ class Engine:
                     if self._accept(seq, tok, params):
                         still.append(seq)
                     else:
-                        self._finish(runner, seq)
+                        self._finish(runner, seq, bar)
                 running = still
                 if stream:
                     yield seqs[0].text
         finally:
+            if bar is not None:
+                bar.close()
             for seq in seqs:
                 if seq.handle is not None:
                     runner.release(seq.handle)
@@ -465,10 +472,12 @@ class Engine:
         seq.stats = GenerationStats(prompt_tokens=len(seq.prompt), kv_bytes_after_prefill=res.kv_bytes,
                                     full_kv_bytes=per_bytes * self.num_layers * len(seq.prompt))
 
-    def _finish(self, runner, seq: _Seq) -> None:
+    def _finish(self, runner, seq: _Seq, bar=None) -> None:
         seq.stats.decode_s = time.perf_counter() - seq.decode_start
         runner.release(seq.handle)
         seq.handle = None
+        if bar is not None:
+            bar.update(1)
 
     def _bytes_per_token_layer(self) -> int:
         s = self.adapter.shape
@@ -497,7 +506,7 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     def _progress_bar(self, prompt_tokens: int):
-        show = self.progress if self.progress is not None else prompt_tokens >= 4096
+        show = self.progress if self.progress is not None else prompt_tokens >= 4096 and self.adapter.device.type == "cpu"
         if not show:
             return None
         from tqdm.auto import tqdm
