@@ -197,3 +197,19 @@ def test_answer_over_a_shipped_chapter(default_model):
                         max_new_tokens=24)
     assert "Bingley" in out.text
     assert len(out.lazy_layers) == 8 and out.stats.kv_saved > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("runner", ["reference", "paged"])
+def test_half_precision_on_cpu(dtype, runner):
+    """bf16 / fp16 run on CPU: first-step logits agree with the HF forward in the same dtype to the
+    precision's tolerance (their rounding differs from ours: 3e-2 relative), and decode runs."""
+    model = tiny_model("qwen3", dtype=dtype)
+    ids = torch.randint(0, 256, (120,), generator=torch.Generator().manual_seed(9)).tolist()
+    engine = Engine(model, _IdsTokenizer(), lazy=LazyConfig(fraction=0.5, sink=2, window=30), runner=runner)
+    out = engine.generate(ids, max_new_tokens=6)
+    assert len(out.token_ids) == 6 and len(out.lazy_layers) == 3
+    with torch.inference_mode():
+        hf = model(torch.tensor([ids])).logits[0, -1].float()
+    ours = _first_logits(engine, ids)
+    assert ((ours - hf).norm() / hf.norm()) < 3e-2
