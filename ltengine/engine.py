@@ -163,8 +163,18 @@ class Engine:
 
     @property
     def backends(self) -> dict[str, str]:
-        """Which implementation runs each kernel op."""
-        return self.backend.describe()
+        """Which implementation runs each kernel op, and which runner and paged kernels decode."""
+        from .kernels import fused
+        from .kernels.paged import pick_paged_decode
+
+        a = self.adapter
+        out = dict(self.backend.describe())
+        out["runner"] = self.runner_kind
+        if self.runner_kind == "paged":
+            out["paged_decode"] = pick_paged_decode(a.device, a.dtype, a.shape.head_dim, self._prefer)[0]
+            fast = fused.available(a.device, a.dtype) and self._prefer != "reference"
+            out["fused_decode_step"] = "triton + CUDA graphs" if fast else "HF modules"
+        return out
 
     @property
     def num_layers(self) -> int:
