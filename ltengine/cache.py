@@ -30,14 +30,16 @@ class KVMeter:
         self.current -= nbytes
 
 
-class FullKV:
-    """Every token of one layer: ``k``, ``v`` are ``[capacity, H_kv, D]``; the first ``length`` are valid."""
+class _LayerKV:
+    """K and V buffers ``[slots, H_kv, D]`` of one layer of one sequence, counted by a meter.
+
+    ``length`` counts the tokens the sequence has seen; subclasses say where token p lives.
+    """
 
     streaming = False
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, meter: KVMeter):
-        self.k, self.v, self.meter = k.contiguous(), v.contiguous(), meter
-        self.length = k.shape[0]
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int, meter: KVMeter):
+        self.k, self.v, self.meter, self.length = k, v, meter, length
         meter.add(self.nbytes)
 
     @property
@@ -48,65 +50,23 @@ class FullKV:
     def capacity(self) -> int:
         return self.k.shape[0]
 
-    def reserve(self, total_tokens: int) -> None:
-        """Grow the buffers to hold ``total_tokens`` (before decode), releasing the old ones."""
-        if total_tokens <= self.capacity:
+    def slot(self, position: int) -> int:
+        raise NotImplementedError
+
+    def _grow(self, slots: int) -> None:
+        """Move to buffers of ``slots`` (zeroed past the old ones), releasing the old buffers."""
+        if slots <= self.capacity:
             return
         old = self.nbytes
-        self.k, self.v = _grown(self.k, total_tokens), _grown(self.v, total_tokens)
+        self.k, self.v = _grown(self.k, slots), _grown(self.v, slots)
         self.meter.add(self.nbytes)
         self.meter.sub(old)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write one token's ``[H_kv, D]`` key and value after the valid ones."""
-        if self.length >= self.capacity:
-            raise RuntimeError(f"full KV cache is full ({self.capacity} tokens); reserve() first")
-        self.k[self.length] = k
-        self.v[self.length] = v
-        self.length += 1
-
-    def release(self) -> None:
-        self.meter.sub(self.nbytes)
-        self.k = self.v = None  # type: ignore[assignment]
-
-
-class SinkWindowKV:
-    """A streaming layer: ``sink`` first tokens plus a ring of the last ``window`` tokens.
-
-    ``k``, ``v``: ``[min(capacity, sink + window), H_kv, D]``. ``length`` counts every token the
-    sequence has seen; the valid slots are always ``[0, min(length, sink + window))``.
-    """
-
-    streaming = True
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int, sink: int, window: int, meter: KVMeter):
-        self.k, self.v, self.meter = k, v, meter
-        self.length, self.sink, self.window = length, sink, window
-        meter.add(self.nbytes)
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[0]
-
-    def reserve(self, total_tokens: int) -> None:
-        """A cache that never filled its sink + window grows up to that size, never beyond."""
-        target = min(total_tokens, self.sink + self.window)
-        if target <= self.capacity:
-            return
-        old = self.nbytes
-        self.k, self.v = _grown(self.k, target), _grown(self.v, target)
-        self.meter.add(self.nbytes)
-        self.meter.sub(old)
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write one token's ``[H_kv, D]`` key/value, overwriting the oldest ring slot when full."""
-        s = ring_slot(self.length, self.sink, self.window)
+        """Write the next token's ``[H_kv, D]`` key and value into its slot."""
+        s = self.slot(self.length)
         if s >= self.capacity:
-            raise RuntimeError(f"streaming KV cache holds {self.capacity} slots; reserve() first")
+            raise RuntimeError(f"KV cache holds {self.capacity} slots, token {self.length} needs slot {s}; reserve() first")
         self.k[s] = k
         self.v[s] = v
         self.length += 1
@@ -114,6 +74,41 @@ class SinkWindowKV:
     def release(self) -> None:
         self.meter.sub(self.nbytes)
         self.k = self.v = None  # type: ignore[assignment]
+
+
+class FullKV(_LayerKV):
+    """Every token of one layer: token p in slot p; the first ``length`` slots are valid."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, meter: KVMeter):
+        super().__init__(k.contiguous(), v.contiguous(), k.shape[0], meter)
+
+    def slot(self, position: int) -> int:
+        return position
+
+    def reserve(self, total_tokens: int) -> None:
+        """Room for ``total_tokens`` (prompt + decode), made before decode starts."""
+        self._grow(total_tokens)
+
+
+class SinkWindowKV(_LayerKV):
+    """A streaming layer: ``sink`` first tokens plus a ring of the last ``window`` tokens.
+
+    ``k``, ``v``: ``[min(capacity, sink + window), H_kv, D]``; the valid slots are always
+    ``[0, min(length, sink + window))``; a full ring overwrites its oldest slot.
+    """
+
+    streaming = True
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int, sink: int, window: int, meter: KVMeter):
+        self.sink, self.window = sink, window
+        super().__init__(k, v, length, meter)
+
+    def slot(self, position: int) -> int:
+        return ring_slot(position, self.sink, self.window)
+
+    def reserve(self, total_tokens: int) -> None:
+        """A cache that never filled its sink + window grows up to that size, never beyond."""
+        self._grow(min(total_tokens, self.sink + self.window))
 
 
 def truncated(k: torch.Tensor, v: torch.Tensor, length: int, sink: int, window: int, truncate_kv_,
