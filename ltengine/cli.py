@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--device", default=None)
     i.add_argument("--backend", default=None, choices=["reference"])
     i.set_defaults(func=cmd_info)
+    from .eval.cli import add_subcommands
+    add_subcommands(sub)  # profile, eval (ltengine/eval/)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,78 @@
+"""PNG charts (matplotlib, Agg backend): layer profile, NIAH heatmap, bars per config."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def profile_chart(path: str | Path, mean: Sequence[float], std: Sequence[float], lazy_layers: Sequence[int],
+                  title: str) -> Path:
+    """Bar per layer (mean lazy ratio, std error bar); demoted layers in orange."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(mean)), 3.2), dpi=90)
+    lazy = set(lazy_layers)
+    colors = ["tab:orange" if i in lazy else "tab:blue" for i in range(len(mean))]
+    ax.bar(range(len(mean)), mean, yerr=std, color=colors, capsize=2, error_kw=dict(lw=0.8))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("lazy ratio")
+    ax.set_ylim(0, 1.05)
+    ax.set_xticks(range(0, len(mean), 2 if len(mean) > 16 else 1))
+    ax.set_title(title, fontsize=9)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="tab:orange", label=f"demoted ({len(lazy)})"), Patch(color="tab:blue", label="full")],
+              fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def heatmap(path: str | Path, acc: Sequence[Sequence[float]], lengths: Sequence[int], depths: Sequence[float],
+            title: str) -> Path:
+    """Accuracy heatmap, rows = needle depth, columns = prompt length; each cell annotated."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(lengths), 0.9 + 0.45 * len(depths)), dpi=90)
+    im = ax.imshow([list(r) for r in acc], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("needle depth")
+    for i, row in enumerate(acc):
+        for j, v in enumerate(row):
+            ax.text(j, i, "-" if v != v else f"{v:.0%}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def bars(path: str | Path, names: Sequence[str], values: Sequence[float], lo: Sequence[float],
+         hi: Sequence[float], xlabel: str, title: str, xlim: tuple[float, float] | None = None) -> Path:
+    """Horizontal bars, one per config, with 95% interval whiskers."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 0.8 + 0.28 * len(names)), dpi=90)
+    y = list(range(len(names)))
+    err = [[max(0.0, v - l) for v, l in zip(values, lo)], [max(0.0, h - v) for v, h in zip(values, hi)]]
+    ax.barh(y, values, xerr=err, color="tab:blue", capsize=2, error_kw=dict(lw=0.8))
+    ax.set_yticks(y, list(names), fontsize=7)
+    ax.invert_yaxis()
+    if xlim is not None:
+        ax.set_xlim(*xlim)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    _plt().close(fig)
+    return path

@@ -1,0 +1,44 @@
+"""Layer-scoring rules compared in the study (higher score = lazier = demoted first).
+
+"mean": the engine's ``lazy.lazy_ratio`` (mean sink + window mass over heads and probe queries).
+"headmin": the same mass per query head, then the minimum over heads: a layer counts as lazy only
+    if every one of its heads is, so a layer with one retrieval head among lazy ones stays full.
+"""
+from __future__ import annotations
+
+import torch
+
+from .harness import SharedPrefill
+
+
+def head_ratios(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> torch.Tensor:
+    """``lazy_ratio`` per query head: q ``[H_q, P, D]``, k ``[H_kv, T, D]`` -> ``[H_q]`` (mean over queries)."""
+    h_q, p, _ = q.shape
+    h_kv, t, _ = k.shape
+    group = h_q // h_kv
+    scores = torch.matmul(q.float().reshape(h_kv, group * p, -1), k.float().transpose(1, 2)).mul_(scale)
+    scores = scores.view(h_kv, group, p, t)
+    pos_q = torch.arange(t - p, t).view(p, 1)
+    pos_k = torch.arange(t).view(1, t)
+    scores.masked_fill_(pos_k > pos_q, float("-inf"))
+    keep = (pos_k < sink) | (pos_k > pos_q - window)
+    return (scores.softmax(dim=-1) * keep).sum(dim=-1).mean(dim=-1).reshape(h_q)
+
+
+def _headmin(sp: SharedPrefill, sink: int, window: int, probe: int) -> list[float]:
+    p = min(probe, len(sp.ids))
+    return [float(head_ratios(q[-p:].transpose(0, 1), c.k.transpose(0, 1), sink, window, sp.adapter.scale).min())
+            for q, c in zip(sp.q_tail, sp.full)]
+
+
+RULES = {
+    "mean": lambda sp, sink, window, probe: sp.ratios(sink, window, probe),
+    "headmin": _headmin,
+}
+
+
+def layer_scores(sp: SharedPrefill, sink: int, window: int, probe: int, rule: str = "mean") -> list[float]:
+    """Every layer's score under ``rule`` (see the module docstring)."""
+    if rule not in RULES:
+        raise ValueError(f"score rule must be one of {sorted(RULES)}, got {rule!r}")
+    return RULES[rule](sp, sink, window, probe)
