@@ -120,7 +120,8 @@ class PagedRunner:
             seq.blocks[j], seq.lazy[j] = blocks[:lazy_blocks], True
 
         try:
-            h, ratios = layer_major(self.adapter, ids, policy, sink, window, probe, store, demote_, score, progress)
+            h, ratios = layer_major(self.adapter, ids, policy, sink, window, probe, store, demote_, score, progress,
+                                    self.backend.lazy_ratio)
         except BaseException:
             self.release(seq)
             raise

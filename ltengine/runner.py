@@ -44,12 +44,13 @@ class PrefillResult:
 
 
 def layer_major(adapter: DecoderAdapter, ids: torch.Tensor, policy: LayerPolicy, sink: int, window: int,
-                probe: int, store, demote_, score: bool = True, progress=None):
+                probe: int, store, demote_, score: bool = True, progress=None, ratio_fn=lazy_ratio):
     """The prefill loop both runners share. Runs prompt ``ids`` ``[T]`` through layer 0, then 1, ...
 
     After layer l is computed and scored, the policy names layers to demote; those already stored
     are truncated (``demote_(j)``) *before* layer l is stored (``store(l, k, v, lazy)``), so the
     queue never holds more than its capacity: the one layer in flight is the activations.
+    ``ratio_fn``: the scorer (``lazy.lazy_ratio`` or a backend's ``lazy_ratio`` kernel, same contract).
     Returns (last hidden state ``[1, hidden]``, ratios).
     """
     t = ids.shape[0]
@@ -59,7 +60,7 @@ def layer_major(adapter: DecoderAdapter, ids: torch.Tensor, policy: LayerPolicy,
     p = min(probe, t)
     for i in range(adapter.shape.num_layers):
         q, k, v = adapter.qkv(i, h, cos, sin)
-        r = lazy_ratio(q[0, -p:].transpose(0, 1), k[0].transpose(0, 1), sink, window, adapter.scale) if score else 0.0
+        r = ratio_fn(q[0, -p:].transpose(0, 1), k[0].transpose(0, 1), sink, window, adapter.scale) if score else 0.0
         ratios.append(r)
         o = prefill_attention(q, k, v, adapter.scale)
         h = adapter.finish_layer(i, h, o.reshape(1, t, -1))
@@ -121,7 +122,8 @@ class ReferenceRunner:
             cache.layers[j] = demote(cache.layers[j], sink, window, self.backend.truncate_kv_)
 
         try:
-            h, ratios = layer_major(self.adapter, ids, policy, sink, window, probe, store, demote_, score, progress)
+            h, ratios = layer_major(self.adapter, ids, policy, sink, window, probe, store, demote_, score, progress,
+                                    self.backend.lazy_ratio)
         except BaseException:
             cache.release()
             raise

@@ -4,9 +4,10 @@ Ops (shapes token-major, ``[B, T, H_kv, D]`` caches, ``[B, H_q, D]`` queries):
   decode_full(q, k, v, lengths, scale)                       -> [B, H_q, D]
   decode_sink_window(q, k, v, lengths, sink, window, scale)  -> [B, H_q, D]
   truncate_kv_(k, v, lengths, sink, window)                  -> new lengths (in place on k, v)
+  lazy_ratio(q, k, sink, window, scale)                      -> float (prefill scoring; q [H_q, P, D], k [H_kv, T, D])
 
 Implementations, fastest first: ``cuda`` (csrc/, via cuda.py), ``cpp`` (the CPU truncate in the same
-extension), ``triton`` (triton_decode.py), ``reference`` (reference.py, the ground truth). ``get_backend(device)`` resolves each op to an ordered list of usable
+extension), ``triton`` (triton_decode.py, lazy_score.py), ``reference`` (reference.py, the ground truth). ``get_backend(device)`` resolves each op to an ordered list of usable
 implementations once; at call time the first that supports the input's (dtype, head dim) runs, a
 dict lookup cached per key, never a device check in the decode loop.
 """
@@ -31,7 +32,7 @@ __all__ = [
     "truncate_kv_ref_",
 ]
 
-OPS = ("decode_full", "decode_sink_window", "truncate_kv_")
+OPS = ("decode_full", "decode_sink_window", "truncate_kv_", "lazy_ratio")
 IMPLS = ("cuda", "cpp", "triton", "reference")  # cpp: the CPU truncate_kv_ of ltengine._C
 
 _Supports = Callable[[torch.dtype, int], bool]
@@ -54,12 +55,21 @@ def _triton():
     return triton_decode
 
 
+def _lazy_score():
+    from ltengine.kernels import lazy_score
+
+    return lazy_score
+
+
 def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
     """Every usable implementation per op on this device, fastest first."""
+    from ltengine.lazy import lazy_ratio  # the reference scorer lives with the policies
+
     ref = {
         "decode_full": _Impl("reference", decode_full_ref),
         "decode_sink_window": _Impl("reference", decode_sink_window_ref),
         "truncate_kv_": _Impl("reference", truncate_kv_ref_),
+        "lazy_ratio": _Impl("reference", lazy_ratio),
     }
     out: dict[str, list[_Impl]] = {op: [] for op in OPS}
     if device.type == "cuda":
@@ -71,6 +81,9 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
         if tri.available():
             out["decode_full"].append(_Impl("triton", tri.decode_full, tri.supports))
             out["decode_sink_window"].append(_Impl("triton", tri.decode_sink_window, tri.supports))
+        score = _lazy_score()
+        if score.available():
+            out["lazy_ratio"].append(_Impl("triton", score.lazy_ratio_triton, score.supports))
     elif device.type == "cpu" and _cuda.has_cpu_ext():
         out["truncate_kv_"].append(_Impl("cpp", _cuda.truncate_kv_))  # the CPU op of the compiled extension
     for op in OPS:
@@ -116,6 +129,10 @@ class Backend:
     def truncate_kv_(self, k, v, lengths, sink, window):
         """In place on k/v [B, T_cap, H_kv, D]; returns min(lengths, sink + window)."""
         return self._ops["truncate_kv_"].pick(k.dtype, k.shape[-1]).fn(k, v, lengths, sink, window)
+
+    def lazy_ratio(self, q, k, sink, window, scale) -> float:
+        """Prefill scoring: q [H_q, P, D] (last P queries), k [H_kv, T, D] -> mean kept attention mass."""
+        return self._ops["lazy_ratio"].pick(q.dtype, q.shape[-1]).fn(q, k, sink, window, scale)
 
     def impl_for(self, op: str, dtype: torch.dtype, head_dim: int) -> str:
         """Name of the implementation that runs ``op`` for this dtype and head dim."""
