@@ -43,8 +43,8 @@ def _case(seed, b, h_kv, group, d, bs, lengths, dtype):
     return q, k, v, tables, torch.tensor(lengths, dtype=torch.int32, device="cuda")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d", [64, 96, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("bs", [16, 64])
 @pytest.mark.parametrize("lengths", [[1], [1024], [4099], [1, 17, 1024, 333, 4096, 64] * 5 + [7, 9, 5000]])

@@ -35,8 +35,8 @@ if triton is not None:
     @triton.jit
     def _paged_split_kernel(Q, K, V, TABLES, NVALID, PO, PM, PL,
                             s_qb, s_qh, s_kb, s_kt, s_kh, s_tb, s_ob, s_oh, s_os, s_mb, s_mh,
-                            scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                            BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+                            scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                            BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -45,52 +45,63 @@ if triton is not None:
         lo = s * per
         hi = tl.minimum(lo + per, n)
         g = tl.arange(0, GP)
-        d = tl.arange(0, D)
+        d = tl.arange(0, DP)
         gmask = g < G
-        q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=gmask[:, None], other=0.0)
+        dmask = d < D
+        q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=gmask[:, None] & dmask[None, :],
+                    other=0.0)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, D], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
         for start in range(lo, hi, BLOCK_N):
             t = start + tl.arange(0, BLOCK_N)
             tmask = t < hi
             blk = tl.load(TABLES + b * s_tb + t // BS, mask=tmask, other=0).to(tl.int64)
             off = blk * s_kb + (t % BS) * s_kt + h * s_kh
-            k = tl.load(K + off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-            v = tl.load(V + off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * scale
+            k = tl.load(K + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            v = tl.load(V + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            if IEEE:  # fp32 caches: exact fp32 dots, not TF32
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                qk = tl.dot(q, tl.trans(k)) * scale
             qk = tl.where(tmask[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         rows = b * s_ob + (h * G + g) * s_oh + s * s_os
-        tl.store(PO + rows[:, None] + d[None, :], acc, mask=gmask[:, None])
+        tl.store(PO + rows[:, None] + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
         mrow = b * s_mb + (h * G + g) * s_mh + s
         tl.store(PM + mrow, m_i, mask=gmask)
         tl.store(PL + mrow, l_i, mask=gmask)
 
     @triton.jit
     def _combine_kernel(PO, PM, PL, OUT, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_outh,
-                        D: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr):
+                        D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr):
         b = tl.program_id(0)
         hq = tl.program_id(1)
         s = tl.arange(0, SP)
-        d = tl.arange(0, D)
+        d = tl.arange(0, DP)
+        dmask = d < D
         smask = s < SPLITS
         m = tl.load(PM + b * s_mb + hq * s_mh + s, mask=smask, other=float("-inf"))
         l = tl.load(PL + b * s_mb + hq * s_mh + s, mask=smask, other=0.0)
         big = tl.max(m, 0)
         w = tl.where(m > float("-inf"), tl.exp(m - big), 0.0)
-        o = tl.load(PO + b * s_ob + hq * s_oh + s[:, None] * s_os + d[None, :], mask=smask[:, None], other=0.0)
+        o = tl.load(PO + b * s_ob + hq * s_oh + s[:, None] * s_os + d[None, :], mask=smask[:, None] & dmask[None, :],
+                    other=0.0)
         out = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
-        tl.store(OUT + b * s_outb + hq * s_outh + d, out.to(OUT.dtype.element_ty))
+        tl.store(OUT + b * s_outb + hq * s_outh + d, out.to(OUT.dtype.element_ty), mask=dmask)
 
 
 def triton_supports(dtype: torch.dtype, head_dim: int) -> bool:
-    return triton is not None and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128)
+    """bf16/fp16 (fp32 accumulation) and fp32 (IEEE dots); any head dim up to 256 (padded to a power of 2)."""
+    return triton is not None and dtype in (torch.float16, torch.bfloat16, torch.float32) and 8 <= head_dim <= 256
 
 
 def num_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: int = 64, sms: int = 132) -> int:
@@ -117,12 +128,13 @@ def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, splits:
         q, k_pool, v_pool, block_tables, n_valid, part_o, part_m, part_l,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_m.stride(0), part_m.stride(1),
-        scale, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=block_n, SPLITS=splits,
-        num_warps=num_warps, num_stages=num_stages)
+        scale, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)), BS=bs,
+        BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     out = torch.empty_like(q)
     _combine_kernel[(b, h_q)](part_o, part_m, part_l, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),
                               part_m.stride(0), part_m.stride(1), out.stride(0), out.stride(1),
-                              D=d, SPLITS=splits, SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
+                              D=d, DP=max(16, triton.next_power_of_2(d)), SPLITS=splits,
+                              SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
 
 
