@@ -422,7 +422,7 @@ class Engine:
                         else:
                             self._finish(runner, seq, bar)
                     if stream and seqs[0].finish_reason is None:
-                        yield seqs[0].text
+                        yield self._decode(seqs[0].tokens)
                 if not running:
                     continue
                 max_running = max(max_running, len(running))
@@ -440,7 +440,7 @@ class Engine:
                         self._finish(runner, seq, bar)
                 running = still
                 if stream:
-                    yield seqs[0].text
+                    yield seqs[0].text if seqs[0].finish_reason is not None else self._decode(seqs[0].tokens)
         finally:
             if bar is not None:
                 bar.close()
@@ -494,21 +494,26 @@ class Engine:
         return 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=self.adapter.dtype).element_size()
 
     def _accept(self, seq: _Seq, token: int, params: SamplingParams) -> bool:
-        """Append a sampled token; returns False once the sequence is finished."""
+        """Append a sampled token; returns False once the sequence is finished (its ``text`` set then:
+        running sequences are not detokenized every step)."""
         seq.tokens.append(token)
         seq.stats.new_tokens = len(seq.tokens)
         if token in self.eos_ids and not params.ignore_eos:
             seq.finish_reason = "eos"
             seq.text = self._decode(seq.tokens[:-1])
             return False
-        seq.text = self._decode(seq.tokens)
-        for stop in params.stop:
-            at = seq.text.find(stop)
-            if at >= 0:
-                seq.text, seq.finish_reason = seq.text[:at], "stop"
-                return False
+        if params.stop:
+            # a stop string that just completed lies in the last few tokens (a character is at most 4
+            # byte tokens): decode only that tail each step, the whole text once one is found
+            tail = self._decode(seq.tokens[-(4 * max(map(len, params.stop)) + 8):])
+            if any(stop in tail for stop in params.stop):
+                text = self._decode(seq.tokens)
+                at = min((i for i in (text.find(stop) for stop in params.stop) if i >= 0), default=-1)
+                if at >= 0:
+                    seq.text, seq.finish_reason = text[:at], "stop"
+                    return False
         if len(seq.tokens) >= params.max_new_tokens:
-            seq.finish_reason = "length"
+            seq.text, seq.finish_reason = self._decode(seq.tokens), "length"
             return False
         return True
 
