@@ -32,13 +32,20 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 10 / (s.elapsed_time(e) / 1e3)
 
 
-def kernel_point(name, b, tokens, layers, bw, bs=64, h_kv=8, h_q=32, d=128, **knobs):
+def kernel_point(name, b, tokens, layers, bw, bs=64, h_kv=8, h_q=32, d=128, bucket=None, width=None, quiet=False,
+                 **knobs):
+    """``b`` sequences of ``tokens`` keys, padded to ``bucket`` rows (pad rows: 0 keys, the scratch
+    block 0) with tables ``width`` blocks wide, as the engine's CUDA-graph buckets run them."""
     blocks = -(-tokens // bs)
+    bucket, width = bucket or b, max(width or blocks, blocks)
     nb = b * blocks * layers + 1
     k = torch.randn(nb, bs, h_kv, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    tables = (torch.randperm(nb - 1, device="cuda")[: layers * b * blocks] + 1).int().view(layers, b, blocks)
-    n = torch.full((b,), tokens, dtype=torch.int32, device="cuda")
+    tables = torch.zeros(layers, bucket, width, dtype=torch.int32, device="cuda")
+    tables[:, :b, :blocks] = (torch.randperm(nb - 1, device="cuda")[: layers * b * blocks] + 1).int().view(layers, b, blocks)
+    n = torch.zeros(bucket, dtype=torch.int32, device="cuda")
+    n[:b] = tokens
+    b = bucket
     q = torch.randn(b, h_q, d, device="cuda", dtype=torch.bfloat16)
     for i in range(layers):
         paged_decode_triton(q, k, v, tables[i], n, 0.1, **knobs)
@@ -52,18 +59,39 @@ def kernel_point(name, b, tokens, layers, bw, bs=64, h_kv=8, h_q=32, d=128, **kn
     e.record()
     torch.cuda.synchronize()
     sec = s.elapsed_time(e) / 1e3 / reps
-    read = 2 * b * tokens * h_kv * d * 2 * layers
+    read = 2 * int(n.sum()) * h_kv * d * 2 * layers
     name = f"{name} {knobs}" if knobs else name
-    print(f"{name:60s} KV read {read / 1e9:6.2f} GB  {sec * 1e3:7.2f} ms  {read / sec / 1e9:7.0f} GB/s "
+    if not quiet:
+        print(f"{name:60s} KV read {read / 1e9:6.2f} GB  {sec * 1e3:7.2f} ms  {read / sec / 1e9:7.0f} GB/s "
           f"= {100 * read / sec / bw:5.1f}% of copy")
     del k, v
     torch.cuda.empty_cache()
     return read / sec
 
 
+def splits_sweep(bw):
+    """Split count vs GB/s at the engine's decode shapes (real rows padded to the CUDA-graph bucket)."""
+    from ltengine.kernels.paged import num_splits
+
+    shapes = [("full 19 in bucket 24, T=33k", 19, 33024, 24, None), ("full 9 in bucket 16, T=33k", 9, 33024, 16, None),
+              ("full 8x8k", 8, 8448, 8, None), ("full 1x8k", 1, 8448, 1, None), ("full 1x32k", 1, 33024, 1, None),
+              ("lazy 19 in bucket 24, W=1024, wide table", 19, 1024, 24, 2048), ("lazy 64, W=1024", 64, 1024, 64, 2048)]
+    for name, b, t, bucket, width in shapes:
+        w = width or -(-t // 64)
+        cur = num_splits(bucket, 8, w * 64)
+        res = []
+        for sp in sorted({cur, 1, 2, 3, 4, 6, 8, 11, 16, 24, 32, 48, 64}):
+            gbs = [kernel_point(name, b, t, 8, bw, bucket=bucket, width=width, quiet=True, splits=sp) for _ in range(2)]
+            res.append((sp, max(gbs)))
+        print(f"{name:42s} current {cur:3d}: " + "  ".join(f"{sp}:{100 * g / bw:.0f}%" for sp, g in res), flush=True)
+
+
 def main():
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
+    if "--splits" in sys.argv:
+        splits_sweep(bw)
+        return
     kernel_point("sink+window B=64 W=1024", 64, 1024, 32, bw)
     kernel_point("full B=8 T=32k", 8, 32768, 32, bw)
     kernel_point("full B=1 T=8k", 1, 8192, 32, bw)
