@@ -124,17 +124,20 @@ def test_eval_niah_command_heatmaps(cli_engine, tmp_path):
         assert_png(out / name)
 
 
-def test_eval_ppl_command(cli_engine, tmp_path):
+def test_eval_ppl_command_at_equal_kv_bytes(cli_engine, tmp_path):
     out = tmp_path / "eval"
     assert cli.main(["eval", "ppl", "--n", "1", "--context", "300", "--scored", "32", "--policy",
-                     "lighttransfer,streaming", "--fraction", "0.5", "--window", "32", "--out", str(out)]) == 0
+                     "lighttransfer,streaming", "--fraction", "0.5", "--window", "32", "--equal-bytes",
+                     "--out", str(out)]) == 0
     rows = md_rows(out / "ppl.md")
-    assert [r[0] for r in rows] == ["full", "lighttransfer 50% w32", "streaming w32"]
+    # 15 lazy layers of 4 + 32 beside 15 full ones of 300 = 30 layers of 4 + 164
+    assert [r[0] for r in rows] == ["full", "lighttransfer 50% w32", "streaming w164"]
     data = json.loads((out / "ppl.json").read_text())
     full, lt, st = data["rows"]
     assert full["ppl_ratio"] == pytest.approx(1.0) and full["tokens"] == 32
     assert 1 < full["ppl"] < 1000 and lt["lazy_layers_mean"] == 15 and st["lazy_layers_mean"] == 30
-    assert st["ppl"] > full["ppl"]  # every layer forgetting all but 36 tokens costs perplexity
+    assert lt["kv_bytes"] == st["kv_bytes"] == 30 * 168 * 2 * 3 * 64 * 4
+    assert full["kv_bytes"] == 30 * 300 * 2 * 3 * 64 * 4
     assert_png(out / "ppl.png")
 
 

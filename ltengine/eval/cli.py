@@ -35,6 +35,7 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--probe", type=int, default=64, help="last prompt queries that score a layer")
     p.add_argument("--score", default="mean", choices=sorted(RULES), help="layer scoring rule (mean = the engine's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
 
 
@@ -76,6 +77,8 @@ def add_subcommands(sub) -> None:
     pp.add_argument("--n", type=int, default=2, help="text segments")
     pp.add_argument("--context", type=int, default=3840, help="prefix tokens prefilled (the policy decides here)")
     pp.add_argument("--scored", type=int, default=256, help="tokens scored by teacher-forced decode steps")
+    pp.add_argument("--equal-bytes", action="store_true",
+                    help="streaming at the window whose KV after prefill equals each fraction's (instead of --window)")
     _grid_args(pp, "256")
     _common(pp, "out/eval")
     for q in (pk, nh, pp):
@@ -83,9 +86,13 @@ def add_subcommands(sub) -> None:
 
 
 def _engine(args):
+    import torch
+
     from ..engine import Engine
     from ..models import load_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"loading {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {args.device} ...", file=sys.stderr)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     return Engine(model, tok, lazy=None)
@@ -125,7 +132,7 @@ def cmd_eval(args, engine=None) -> int:
     from . import commands
 
     engine = engine or _engine(args)
-    configs = commands.grid_from_args(args)
+    configs = commands.grid_from_args(args, engine.num_layers)
     meta = _args_dict(args)
     if args.task == "passkey":
         paths = commands.passkey(engine, args.out, configs, args.lengths, args.n, args.seed, args.max_new_tokens, meta)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import plots, report
 from .grid import EvalConfig, make_grid
 from .harness import shared_prefill
-from .run import accuracy_rows, run_ppl, run_retrieval
+from .run import accuracy_rows, equal_bytes_window, run_ppl, run_retrieval
 from .scoring import layer_scores
 from .tasks import niah_sample, passkey_sample, ppl_segments
 
@@ -124,5 +124,19 @@ def _mean(xs: list) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def grid_from_args(args) -> list[EvalConfig]:
-    return make_grid(args.policy, args.fraction, args.window, args.sink, args.probe, args.score)
+def grid_from_args(args, num_layers: int | None = None) -> list[EvalConfig]:
+    """The configs the arguments ask for. ``ppl --equal-bytes`` replaces "streaming" at each window by
+    streaming at the window that holds as much KV after the ``--context`` prefill as each fraction's
+    lazy layers beside full ones (``run.equal_bytes_window``)."""
+    configs = make_grid(args.policy, args.fraction, args.window, args.sink, args.probe, args.score)
+    if not getattr(args, "equal_bytes", False) or "streaming" not in args.policy:
+        return configs
+    configs = [c for c in configs if c.policy != "streaming"]
+    for w in args.window:
+        for f in args.fraction:
+            n_lazy = int(round(f * num_layers))
+            ew = equal_bytes_window(num_layers, n_lazy, args.context, args.sink, w)
+            cfg = EvalConfig("streaming", 1.0, ew, args.sink, args.probe, args.score)
+            if cfg not in configs:
+                configs.append(cfg)
+    return configs

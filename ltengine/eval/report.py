@@ -21,11 +21,11 @@ def accuracy_markdown(rows: list[dict], groups: list, group_name: str = "tokens"
 
 
 def ppl_markdown(rows: list[dict]) -> str:
-    head = ["config", "lazy layers", "perplexity [95% CI]", "ratio to full [95% CI]", "tokens"]
+    head = ["config", "lazy layers", "KV after prefill", "perplexity [95% CI]", "ratio to full [95% CI]", "tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ratio = f"{r['ppl_ratio']:.4f} [{r['ratio_lo']:.4f}, {r['ratio_hi']:.4f}]" if "ppl_ratio" in r else "-"
-        lines.append(f"| {r['config']} | {r['lazy_layers_mean']:.1f} | {r['ppl']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] "
+        lines.append(f"| {r['config']} | {r['lazy_layers_mean']:.1f} | {r['kv_bytes'] / 2**20:.2f} MiB | {r['ppl']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] "
                      f"| {ratio} | {r['tokens']} |")
     return "\n".join(lines)
 

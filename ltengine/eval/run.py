@@ -64,6 +64,20 @@ def accuracy_rows(records: list[dict], configs: list[EvalConfig], by: str = "len
     return rows
 
 
+def kv_token_slots(num_layers: int, lazy_layers, context: int, sink: int, window: int) -> int:
+    """Layer-token slots of KV right after a ``context``-token prefill: full layers hold every token,
+    lazy ones ``min(context, sink + window)`` (times bytes per slot = the engine's
+    ``kv_bytes_after_prefill``)."""
+    n_lazy = len(lazy_layers)
+    return (num_layers - n_lazy) * context + n_lazy * min(context, sink + window)
+
+
+def equal_bytes_window(num_layers: int, n_lazy: int, context: int, sink: int, window: int) -> int:
+    """The window at which streaming (every layer sink + window) holds the same KV after a
+    ``context``-token prefill as ``n_lazy`` sink + ``window`` layers beside full ones (rounded down)."""
+    return kv_token_slots(num_layers, range(n_lazy), context, sink, window) // num_layers - sink
+
+
 def run_ppl(engine, segments: list[list[int]], context: int, configs: list[EvalConfig],
             desc: str = "ppl") -> tuple[list[dict], dict[str, list[torch.Tensor]]]:
     """Perplexity of the ``scored`` tokens after a ``context``-token prefix, per config.
@@ -73,8 +87,11 @@ def run_ppl(engine, segments: list[list[int]], context: int, configs: list[EvalC
     truncated caches, so a lazy layer's later queries see only its sink + window.
     """
     adapter, backend = engine.adapter, engine.backend
+    shape = adapter.shape
+    per_slot = 2 * shape.num_kv_heads * shape.head_dim * torch.empty((), dtype=adapter.dtype).element_size()
     nll: dict[str, list[torch.Tensor]] = defaultdict(list)
     lazy_counts: dict[str, list[int]] = defaultdict(list)
+    kv_tokens: dict[str, list[int]] = defaultdict(list)
     for i, seg in enumerate(tqdm(segments, desc=desc, unit="segment")):
         sp = shared_prefill(adapter, seg[:context], max(c.probe for c in configs))
         done = {}
@@ -86,6 +103,7 @@ def run_ppl(engine, segments: list[list[int]], context: int, configs: list[EvalC
                 done[key] = teacher_forced_nll(adapter, backend, cache, sp.logits, seg[context:], context)
             nll[cfg.name].append(done[key])
             lazy_counts[cfg.name].append(len(layers))
+            kv_tokens[cfg.name].append(kv_token_slots(sp.num_layers, layers, context, cfg.sink, cfg.window))
         sp.release()
     rows = []
     full = nll.get("full")
@@ -93,7 +111,8 @@ def run_ppl(engine, segments: list[list[int]], context: int, configs: list[EvalC
         ppl, lo, hi = block_bootstrap_ppl(nll[cfg.name])
         row = dict(config=cfg.name, policy=cfg.policy, fraction=cfg.fraction, window=cfg.window, sink=cfg.sink,
                    probe=cfg.probe, score=cfg.score, segments=len(segments), tokens=sum(len(x) for x in nll[cfg.name]),
-                   ppl=ppl, lo=lo, hi=hi, lazy_layers_mean=sum(lazy_counts[cfg.name]) / len(segments))
+                   ppl=ppl, lo=lo, hi=hi, lazy_layers_mean=sum(lazy_counts[cfg.name]) / len(segments),
+                   kv_bytes=per_slot * sum(kv_tokens[cfg.name]) / len(segments))
         if full is not None:
             diff = [a - b for a, b in zip(nll[cfg.name], full)]  # paired: same tokens
             d, dlo, dhi = block_bootstrap_ppl(diff)
