@@ -69,20 +69,57 @@ def kernel_point(name, b, tokens, layers, bw, bs=64, h_kv=8, h_q=32, d=128, buck
     return read / sec
 
 
+def graph_point(b, tokens, bucket, width, splits, layers=32, bs=64, h_kv=8, h_q=32, d=128, reps=5):
+    """GB/s of ``layers`` paged decode calls replayed from one CUDA graph (no launch overhead), ``b``
+    real rows of ``tokens`` keys padded to ``bucket`` rows; distinct blocks per layer while they fit 8 GB
+    (so small caches are not re-read from L2), else layers share one set of blocks."""
+    blocks = -(-tokens // bs)
+    width = max(width or blocks, blocks)
+    per_layer = 2 * b * blocks * bs * h_kv * d * 2
+    copies = max(1, min(layers, int(8e9 // per_layer)))
+    nb = b * blocks * copies + 1
+    k = torch.randn(nb, bs, h_kv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    tables = torch.zeros(copies, bucket, width, dtype=torch.int32, device="cuda")
+    tables[:, :b, :blocks] = (torch.randperm(nb - 1, device="cuda")[: copies * b * blocks] + 1).int().view(copies, b, blocks)
+    n = torch.zeros(bucket, dtype=torch.int32, device="cuda")
+    n[:b] = tokens
+    q = torch.randn(bucket, h_q, d, device="cuda", dtype=torch.bfloat16)
+    paged_decode_triton(q, k, v, tables[0], n, 0.1, splits=splits)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(layers):
+            paged_decode_triton(q, k, v, tables[i % copies], n, 0.1, splits=splits)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del graph, k, v
+    torch.cuda.empty_cache()
+    return 2 * b * tokens * h_kv * d * 2 * layers / sorted(times)[len(times) // 2]
+
+
 def splits_sweep(bw):
-    """Split count vs GB/s at the engine's decode shapes (real rows padded to the CUDA-graph bucket)."""
+    """Split count vs % of copy bandwidth at the engine's decode shapes: real rows padded to the
+    CUDA-graph bucket, 32 layers in one graph, median of 5 replays."""
     from ltengine.kernels.paged import num_splits
 
-    shapes = [("full 19 in bucket 24, T=33k", 19, 33024, 24, None), ("full 9 in bucket 16, T=33k", 9, 33024, 16, None),
+    shapes = [("full 19 in bucket 24, T=33k", 19, 33024, 24, None), ("full 24 in bucket 24, T=33k", 24, 33024, 24, None),
+              ("full 9 in bucket 16, T=33k", 9, 33024, 16, None), ("full 16 in bucket 16, T=33k", 16, 33024, 16, None),
               ("full 8x8k", 8, 8448, 8, None), ("full 1x8k", 1, 8448, 1, None), ("full 1x32k", 1, 33024, 1, None),
+              ("full 1x128k", 1, 131072, 1, None),
               ("lazy 19 in bucket 24, W=1024, wide table", 19, 1024, 24, 2048), ("lazy 64, W=1024", 64, 1024, 64, 2048)]
     for name, b, t, bucket, width in shapes:
         w = width or -(-t // 64)
         cur = num_splits(bucket, 8, w * 64)
-        res = []
-        for sp in sorted({cur, 1, 2, 3, 4, 6, 8, 11, 16, 24, 32, 48, 64}):
-            gbs = [kernel_point(name, b, t, 8, bw, bucket=bucket, width=width, quiet=True, splits=sp) for _ in range(2)]
-            res.append((sp, max(gbs)))
+        res = [(sp, graph_point(b, t, bucket, width, sp)) for sp in sorted({cur, 1, 2, 3, 4, 5, 6, 8, 11, 16, 24, 32, 64})]
         print(f"{name:42s} current {cur:3d}: " + "  ".join(f"{sp}:{100 * g / bw:.0f}%" for sp, g in res), flush=True)
 
 

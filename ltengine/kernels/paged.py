@@ -9,6 +9,8 @@ are masked out by the reference.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .reference import decode_full_ref
@@ -105,9 +107,16 @@ def triton_supports(dtype: torch.dtype, head_dim: int) -> bool:
 
 
 def num_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: int = 64, sms: int = 132) -> int:
-    """Key-axis splits so that about four programs per SM run, without splits shorter than a tile."""
-    want = max(1, -(-4 * sms // (batch * num_kv_heads)))
+    """Key-axis splits so that about sixteen programs per SM run at a full bucket, without splits shorter
+    than a tile. Fewer (four per SM) cost up to 7% of bandwidth when a bucket is part padding or the
+    blocks are scattered by truncation (bench/RESULTS.md, split sweep); more only add merge traffic."""
+    want = max(1, -(-16 * sms // (batch * num_kv_heads)))
     return max(1, min(want, -(-max_tokens // block_n), 64))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, splits: int | None = None,
@@ -118,7 +127,7 @@ def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, splits:
     bs, h_kv = k_pool.shape[1], k_pool.shape[2]
     g = h_q // h_kv
     if splits is None:
-        splits = num_splits(b, h_kv, block_tables.shape[1] * bs)
+        splits = num_splits(b, h_kv, block_tables.shape[1] * bs, sms=_sm_count(q.device.index or 0))
     part_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
     part_m = torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
