@@ -32,21 +32,26 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 10 / (s.elapsed_time(e) / 1e3)
 
 
-def kernel_point(name, b, tokens, layers, bw, bs=64, h_kv=8, h_q=32, d=128, bucket=None, width=None, quiet=False,
-                 **knobs):
-    """``b`` sequences of ``tokens`` keys, padded to ``bucket`` rows (pad rows: 0 keys, the scratch
-    block 0) with tables ``width`` blocks wide, as the engine's CUDA-graph buckets run them."""
+def paged_case(b, tokens, copies, bucket=None, width=None, bs=64, h_kv=8, h_q=32, d=128):
+    """A random bf16 pool and ``copies`` layers of tables: ``b`` sequences of ``tokens`` keys on blocks
+    placed at random, padded to ``bucket`` rows (pad rows: 0 keys, the scratch block 0), tables ``width``
+    blocks wide, as the engine's CUDA-graph buckets run them. Returns (q, k, v, tables, n)."""
     blocks = -(-tokens // bs)
     bucket, width = bucket or b, max(width or blocks, blocks)
-    nb = b * blocks * layers + 1
+    nb = b * blocks * copies + 1
     k = torch.randn(nb, bs, h_kv, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    tables = torch.zeros(layers, bucket, width, dtype=torch.int32, device="cuda")
-    tables[:, :b, :blocks] = (torch.randperm(nb - 1, device="cuda")[: layers * b * blocks] + 1).int().view(layers, b, blocks)
+    tables = torch.zeros(copies, bucket, width, dtype=torch.int32, device="cuda")
+    tables[:, :b, :blocks] = (torch.randperm(nb - 1, device="cuda")[: copies * b * blocks] + 1).int().view(copies, b, blocks)
     n = torch.zeros(bucket, dtype=torch.int32, device="cuda")
     n[:b] = tokens
-    b = bucket
-    q = torch.randn(b, h_q, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(bucket, h_q, d, device="cuda", dtype=torch.bfloat16)
+    return q, k, v, tables, n
+
+
+def kernel_point(name, b, tokens, layers, bw, h_kv=8, d=128, **knobs):
+    """GB/s of ``layers`` paged decode calls launched from Python (mean of 5 passes)."""
+    q, k, v, tables, n = paged_case(b, tokens, layers, h_kv=h_kv, d=d)
     for i in range(layers):
         paged_decode_triton(q, k, v, tables[i], n, 0.1, **knobs)
     torch.cuda.synchronize()
@@ -61,8 +66,7 @@ def kernel_point(name, b, tokens, layers, bw, bs=64, h_kv=8, h_q=32, d=128, buck
     sec = s.elapsed_time(e) / 1e3 / reps
     read = 2 * int(n.sum()) * h_kv * d * 2 * layers
     name = f"{name} {knobs}" if knobs else name
-    if not quiet:
-        print(f"{name:60s} KV read {read / 1e9:6.2f} GB  {sec * 1e3:7.2f} ms  {read / sec / 1e9:7.0f} GB/s "
+    print(f"{name:60s} KV read {read / 1e9:6.2f} GB  {sec * 1e3:7.2f} ms  {read / sec / 1e9:7.0f} GB/s "
           f"= {100 * read / sec / bw:5.1f}% of copy")
     del k, v
     torch.cuda.empty_cache()
@@ -73,18 +77,9 @@ def graph_point(b, tokens, bucket, width, splits, layers=32, bs=64, h_kv=8, h_q=
     """GB/s of ``layers`` paged decode calls replayed from one CUDA graph (no launch overhead), ``b``
     real rows of ``tokens`` keys padded to ``bucket`` rows; distinct blocks per layer while they fit 8 GB
     (so small caches are not re-read from L2), else layers share one set of blocks."""
-    blocks = -(-tokens // bs)
-    width = max(width or blocks, blocks)
-    per_layer = 2 * b * blocks * bs * h_kv * d * 2
+    per_layer = 2 * b * -(-tokens // bs) * bs * h_kv * d * 2
     copies = max(1, min(layers, int(8e9 // per_layer)))
-    nb = b * blocks * copies + 1
-    k = torch.randn(nb, bs, h_kv, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    tables = torch.zeros(copies, bucket, width, dtype=torch.int32, device="cuda")
-    tables[:, :b, :blocks] = (torch.randperm(nb - 1, device="cuda")[: copies * b * blocks] + 1).int().view(copies, b, blocks)
-    n = torch.zeros(bucket, dtype=torch.int32, device="cuda")
-    n[:b] = tokens
-    q = torch.randn(bucket, h_q, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v, tables, n = paged_case(b, tokens, copies, bucket, width, bs, h_kv, h_q, d)
     paged_decode_triton(q, k, v, tables[0], n, 0.1, splits=splits)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -17,18 +17,9 @@ import functools
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
-    tl = None
+from .triton_decode import available, tl, triton  # one Triton import guard for the kernels package
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
 
 
 def supports(dtype: torch.dtype, head_dim: int) -> bool:
