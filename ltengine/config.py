@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 POLICIES = ("lighttransfer", "topk", "random", "streaming")
+SCORES = ("ratio", "peak")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class LazyConfig:
               every layer, then demote the laziest), "random" (seeded), "streaming" (all layers), or
               an explicit sequence of layer indices.
     seed:     seed of the "random" policy.
+    score:    how "lighttransfer" / "topk" score a layer (higher = lazier): "ratio" (the paper's lazy
+              ratio, ``lazy.lazy_ratio``) or "peak" (1 - the largest mass any head puts on its 8
+              most-attended distant keys, ``lazy.peak_score``: keeps layers with retrieval heads).
     """
 
     fraction: float | None = None
@@ -33,6 +37,7 @@ class LazyConfig:
     probe: int = 64
     policy: str | tuple[int, ...] = "lighttransfer"
     seed: int = 0
+    score: str = "ratio"
 
     def __post_init__(self) -> None:
         if self.fraction is not None and (isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float))
@@ -42,6 +47,8 @@ class LazyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LazyConfig.{name} must be a positive integer (>= 1), got {value!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"LazyConfig.score must be one of {SCORES}, got {self.score!r}")
         if isinstance(self.policy, str):
             if self.policy not in POLICIES:
                 raise ValueError(f"LazyConfig.policy must be one of {POLICIES} or a list of layer indices, got {self.policy!r}")

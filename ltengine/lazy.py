@@ -1,6 +1,7 @@
 """Where a layer's lazy ratio is scored and where the queue decides which layers go lazy.
 
-``lazy_ratio`` scores one layer from its last ``probe`` queries. A ``LayerPolicy`` sees the layers in
+``lazy_ratio`` scores one layer from its last ``probe`` queries (the paper's rule); ``peak_score`` is
+the alternative chosen by ``LazyConfig(score="peak")`` (see its docstring and bench/RESULTS.md, issue #5). A ``LayerPolicy`` sees the layers in
 prefill order (``observe``) and answers which layers to demote *now*, before the next layer's cache is
 stored; ``finish`` answers what is left to demote once every layer is scored (only the offline
 "topk" comparison uses it).
@@ -38,10 +39,46 @@ def lazy_ratio(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: 
     return float(mass.mean())
 
 
+PEAK_KEYS = 8  # distant keys counted by peak_score
+
+
+def distant_peak(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float,
+                 keys: int = PEAK_KEYS) -> torch.Tensor:
+    """Per query head, the mean over the P queries of the probability on the ``keys`` most-attended
+    *distant* keys (neither sink nor within ``window``). q ``[H_q, P, D]``, k ``[H_kv, T, D]`` -> ``[H_q]``."""
+    h_q, p, _ = q.shape
+    h_kv, t, _ = k.shape
+    group = h_q // h_kv
+    scores = torch.matmul(q.float().reshape(h_kv, group * p, -1), k.float().transpose(1, 2)).mul_(scale)
+    scores = scores.view(h_kv, group, p, t)
+    pos_q = torch.arange(t - p, t, device=q.device).view(p, 1)
+    pos_k = torch.arange(t, device=q.device).view(1, t)
+    scores.masked_fill_(pos_k > pos_q, float("-inf"))
+    distant = (pos_k >= sink) & (pos_k <= pos_q - window)
+    probs = scores.softmax(dim=-1) * distant
+    return probs.topk(min(keys, t), dim=-1).values.sum(dim=-1).mean(dim=-1).reshape(h_q)
+
+
+def peak_score(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> float:
+    """1 - the largest, over query heads, of the mass put on the ``PEAK_KEYS`` most-attended distant
+    keys (``distant_peak``); same contract as ``lazy_ratio``, higher = lazier.
+
+    A retrieval head (one that reads a fact far back, e.g. a needle) puts its distant mass on a few
+    tokens, so its layer scores low and stays full; a layer whose distant attention is diffuse, or
+    absent, scores high. On SmolLM2-135M the mean ``lazy_ratio`` ranks several retrieval layers among
+    the laziest (their other heads are local) and demotes them; this rule keeps them.
+    """
+    return 1.0 - float(distant_peak(q, k, sink, window, scale).max())
+
+
+SCORERS = {"ratio": lazy_ratio, "peak": peak_score}
+
+
 class LayerPolicy:
     """Decides, layer by layer during prefill, which layers' KV caches to demote."""
 
     name = "base"
+    scorer = None  # a replacement for the runner's lazy_ratio (same contract), e.g. peak_score
 
     def __init__(self, num_layers: int, full_capacity: int):
         self.num_layers = num_layers
@@ -108,7 +145,14 @@ class FixedPolicy(LayerPolicy):
 
 
 def make_policy(lazy: LazyConfig, num_layers: int, full_capacity: int) -> LayerPolicy:
-    """The policy object for one prompt's prefill."""
+    """The policy object for one prompt's prefill (with its scorer when ``lazy.score`` is not "ratio")."""
+    policy = _make_policy(lazy, num_layers, full_capacity)
+    if lazy.score != "ratio":
+        policy.scorer = SCORERS[lazy.score]
+    return policy
+
+
+def _make_policy(lazy: LazyConfig, num_layers: int, full_capacity: int) -> LayerPolicy:
     n_lazy = num_layers - full_capacity
     if isinstance(lazy.policy, tuple):
         bad = [i for i in lazy.policy if i >= num_layers]

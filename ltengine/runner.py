@@ -54,6 +54,7 @@ def layer_major(adapter: DecoderAdapter, ids: torch.Tensor, policy: LayerPolicy,
     Returns (last hidden state ``[1, hidden]``, ratios).
     """
     t = ids.shape[0]
+    ratio_fn = getattr(policy, "scorer", None) or ratio_fn  # LazyConfig(score="peak"): lazy.peak_score
     h = adapter.embed(ids.view(1, t))
     cos, sin = adapter.rope(h, torch.arange(t, device=ids.device).view(1, t))
     ratios: list[float] = []

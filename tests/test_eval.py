@@ -53,7 +53,7 @@ def md_rows(path) -> list[list[str]]:
 
 
 CONFIGS = [EvalConfig("lighttransfer", 0.5, 64), EvalConfig("topk", 0.5, 64), EvalConfig("random", 0.25, 64),
-           EvalConfig("streaming", 1.0, 64)]
+           EvalConfig("streaming", 1.0, 64), EvalConfig("lighttransfer", 0.5, 64, probe=16, score="peak")]
 
 
 def test_shared_prefill_matches_engine_generate(engine):
@@ -66,12 +66,31 @@ def test_shared_prefill_matches_engine_generate(engine):
             out = engine.generate(sample.ids, 6, lazy=lazy)
             layers = cfg.lazy_layers(sp, index=0)
             assert layers == out.lazy_layers, cfg.name
-            assert sp.ratios(cfg.sink, cfg.window, cfg.probe) == pytest.approx(out.lazy_ratios, abs=1e-6), cfg.name
+            assert lazy.score == cfg.score
+            assert sp.ratios(cfg.sink, cfg.window, cfg.probe, cfg.score) == pytest.approx(out.lazy_ratios, abs=1e-6)
             cache = sp.build_cache(layers, cfg.sink, cfg.window, len(sample.ids) + 6, engine.backend)
             tokens = greedy(engine.adapter, engine.backend, [cache], sp.logits, len(sample.ids), 6, engine.eos_ids)[0]
             assert tokens == out.token_ids, cfg.name
     finally:
         sp.release()
+
+
+def test_peak_score_keeps_a_layer_with_one_retrieval_head():
+    """peak_score: 1 - the best head's mass on its 8 most-attended distant keys; lazy_ratio averages heads."""
+    torch = pytest.importorskip("torch")
+    from ltengine.lazy import lazy_ratio, peak_score
+
+    t, d = 200, 8
+    k = torch.zeros(1, t, d)
+    k[0, 50, 0] = 1.0  # one distant key ("the needle")
+    q = torch.zeros(4, 1, d)  # 3 heads attend uniformly, one looks only at the needle
+    q[3, 0, 0] = 60.0
+    local = lazy_ratio(q, k, 4, 16, 1.0)
+    assert local > 0.05 * 3 / 4 and peak_score(q, k, 4, 16, 1.0) == pytest.approx(0.0, abs=1e-6)
+    uniform = peak_score(q[:3], k, 4, 16, 1.0)
+    assert uniform == pytest.approx(1 - 8 / t, abs=1e-6)  # 8 of 200 equally likely keys
+    with pytest.raises(ValueError, match="score must be one of"):
+        LazyConfig(score="bogus")
 
 
 def test_grid_names_and_wilson():

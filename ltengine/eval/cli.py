@@ -33,7 +33,8 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--probe", type=int, default=64, help="last prompt queries that score a layer")
-    p.add_argument("--score", default="mean", choices=sorted(RULES), help="layer scoring rule (mean = the engine's)")
+    p.add_argument("--score", default="ratio", choices=sorted(RULES),
+                   help="layer scoring rule: ratio (the paper's lazy ratio), peak (LazyConfig(score='peak')), or a study rule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=out, help=f"output folder (default {out})")

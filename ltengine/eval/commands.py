@@ -35,7 +35,7 @@ def _slug(name: str) -> str:
 
 
 def profile(engine, out_dir: str | Path, prompts: list[list[int]], sources: list[str], fraction: float,
-            sink: int, window: int, probe: int, score: str = "mean", args: dict | None = None) -> dict[str, Path]:
+            sink: int, window: int, probe: int, score: str = "ratio", args: dict | None = None) -> dict[str, Path]:
     """Per-layer lazy ratio (mean, std over prompts); the ``round(fraction * L)`` laziest layers by
     mean become ``lazy_layers`` of a JSON profile that ``LazyConfig.from_profile`` loads."""
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import POLICIES, LazyConfig
+from ..config import POLICIES, SCORES, LazyConfig
 from .harness import SharedPrefill
 from .scoring import RULES, layer_scores
 
@@ -12,8 +12,8 @@ from .scoring import RULES, layer_scores
 class EvalConfig:
     """One row of a results table: full attention, or a policy at a lazy fraction and window.
 
-    score: how layers are scored for the queue ("mean" is the engine's ``lazy_ratio``; the others are
-    study options, see ``scoring.py``). The random policy draws a new layer set per prompt
+    score: how layers are scored for the queue ("ratio" and "peak" are the engine's ``LazyConfig.score``
+    options; the others are study options, see ``scoring.py``). The random policy draws a new layer set per prompt
     (seed = prompt index), so its accuracy averages over layer sets instead of one lucky or unlucky draw.
     """
 
@@ -22,7 +22,7 @@ class EvalConfig:
     window: int = 256
     sink: int = 4
     probe: int = 64
-    score: str = "mean"
+    score: str = "ratio"
 
     def __post_init__(self) -> None:
         if self.policy != "full" and self.policy not in POLICIES:
@@ -36,7 +36,7 @@ class EvalConfig:
             return "full"
         frac = "" if self.policy == "streaming" else f" {round(100 * self.fraction)}%"
         extra = "" if (self.sink, self.probe) == (4, 64) else f" s{self.sink} p{self.probe}"
-        score = "" if self.score == "mean" else f" [{self.score}]"
+        score = "" if self.score == "ratio" or self.policy in ("random", "streaming") else f" [{self.score}]"
         return f"{self.policy}{frac} w{self.window}{extra}{score}"
 
     def lazy(self, index: int = 0) -> LazyConfig | None:
@@ -44,18 +44,19 @@ class EvalConfig:
         if self.policy == "full":
             return None
         return LazyConfig(fraction=self.fraction if self.policy != "streaming" else 1.0, sink=self.sink,
-                          window=self.window, probe=self.probe, policy=self.policy, seed=index)
+                          window=self.window, probe=self.probe, policy=self.policy, seed=index,
+                          score=self.score if self.score in SCORES else "ratio")
 
     def lazy_layers(self, sp: SharedPrefill, index: int = 0) -> list[int]:
         lazy = self.lazy(index)
         if lazy is None:
             return []
-        ratios = None if self.score == "mean" else layer_scores(sp, self.sink, self.window, self.probe, self.score)
+        ratios = None if self.score in SCORES else layer_scores(sp, self.sink, self.window, self.probe, self.score)
         return sp.lazy_layers(lazy, ratios)
 
 
 def make_grid(policies: list[str], fractions: list[float], windows: list[int], sink: int = 4, probe: int = 64,
-              score: str = "mean", with_full: bool = True) -> list[EvalConfig]:
+              score: str = "ratio", with_full: bool = True) -> list[EvalConfig]:
     """full (once) + every policy x fraction x window; "streaming" once per window (it has no fraction)."""
     out = [EvalConfig("full")] if with_full else []
     for w in windows:

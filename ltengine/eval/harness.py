@@ -18,7 +18,7 @@ import torch
 
 from ..cache import FullKV, KVMeter, SequenceKV, demote
 from ..config import LazyConfig
-from ..lazy import lazy_ratio, make_policy
+from ..lazy import SCORERS, make_policy
 from ..models import DecoderAdapter
 from ..runner import decode_step, prefill_attention
 
@@ -41,15 +41,16 @@ class SharedPrefill:
     def num_layers(self) -> int:
         return len(self.full)
 
-    def ratios(self, sink: int, window: int, probe: int) -> list[float]:
-        """Every layer's lazy ratio, computed exactly as ``runner.prefill`` does for this config."""
-        key = (sink, window, probe)
+    def ratios(self, sink: int, window: int, probe: int, score: str = "ratio") -> list[float]:
+        """Every layer's score (``lazy.SCORERS[score]``), computed exactly as ``runner.prefill`` does."""
+        key = (sink, window, probe, score)
         if key not in self._ratios:
             p = min(probe, len(self.ids))
             if p > self.q_tail[0].shape[0]:
                 raise ValueError(f"probe {probe} exceeds the {self.q_tail[0].shape[0]} queries kept (max_probe)")
-            self._ratios[key] = [lazy_ratio(q[-p:].transpose(0, 1), c.k.transpose(0, 1), sink, window,
-                                            self.adapter.scale) for q, c in zip(self.q_tail, self.full)]
+            fn = SCORERS[score]
+            self._ratios[key] = [fn(q[-p:].transpose(0, 1), c.k.transpose(0, 1), sink, window, self.adapter.scale)
+                                 for q, c in zip(self.q_tail, self.full)]
         return self._ratios[key]
 
     def lazy_layers(self, lazy: LazyConfig, ratios: Sequence[float] | None = None) -> list[int]:
@@ -62,7 +63,7 @@ class SharedPrefill:
         n = self.num_layers
         policy = make_policy(lazy, n, n - min(lazy.num_lazy(n), n))
         if ratios is None:
-            ratios = self.ratios(lazy.sink, lazy.window, lazy.probe)
+            ratios = self.ratios(lazy.sink, lazy.window, lazy.probe, lazy.score)
         demoted = [j for i, r in enumerate(ratios) for j in policy.observe(i, r)]
         return sorted(demoted + policy.finish())
 

@@ -1,10 +1,10 @@
 """Layer-scoring rules compared in the study (higher score = lazier = demoted first).
 
-"mean": the engine's ``lazy.lazy_ratio`` (mean sink + window mass over heads and probe queries).
+"ratio": the engine's default, ``lazy.lazy_ratio`` (mean sink + window mass over heads and probe queries).
 "headmin": the same mass per query head, then the minimum over heads: a layer counts as lazy only
     if every one of its heads is, so a layer with one retrieval head among lazy ones stays full.
-"peak<m>" (peak8, peak32): 1 - the largest, over query heads, of the mass the probe queries put on
-    their ``m`` most-attended *distant* keys (neither sink nor recent). A retrieval head puts its
+"peak", "peak32": 1 - the largest, over query heads, of the mass the probe queries put on
+    their 8 (32) most-attended *distant* keys (neither sink nor recent). A retrieval head puts its
     distant mass on a few tokens (the needle) and scores low (stays full); a layer whose distant
     attention is diffuse, or that has none, scores high (lazy). Needle-agnostic: it never sees the span.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..lazy import distant_peak
 from .harness import SharedPrefill
 
 
@@ -35,42 +36,24 @@ def _headmin(sp: SharedPrefill, sink: int, window: int, probe: int) -> list[floa
             for q, c in zip(sp.q_tail, sp.full)]
 
 
-def head_distant_peak(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float, m: int) -> torch.Tensor:
-    """Per query head, the mean over queries of the probability on the ``m`` most-attended keys that
-    are neither sink nor recent. q ``[H_q, P, D]``, k ``[H_kv, T, D]`` -> ``[H_q]``."""
-    h_q, p, _ = q.shape
-    h_kv, t, _ = k.shape
-    group = h_q // h_kv
-    scores = torch.matmul(q.float().reshape(h_kv, group * p, -1), k.float().transpose(1, 2)).mul_(scale)
-    scores = scores.view(h_kv, group, p, t)
-    pos_q = torch.arange(t - p, t).view(p, 1)
-    pos_k = torch.arange(t).view(1, t)
-    scores.masked_fill_(pos_k > pos_q, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    distant = (pos_k >= sink) & (pos_k <= pos_q - window)
-    probs = probs * distant
-    top = probs.topk(min(m, t), dim=-1).values.sum(dim=-1)  # [H_kv, G, P]
-    return top.mean(dim=-1).reshape(h_q)
-
-
 def _peak(m: int):
     def rule(sp: SharedPrefill, sink: int, window: int, probe: int) -> list[float]:
         p = min(probe, len(sp.ids))
-        return [1.0 - float(head_distant_peak(q[-p:].transpose(0, 1), c.k.transpose(0, 1), sink, window,
-                                              sp.adapter.scale, m).max())
+        return [1.0 - float(distant_peak(q[-p:].transpose(0, 1), c.k.transpose(0, 1), sink, window,
+                                         sp.adapter.scale, m).max())
                 for q, c in zip(sp.q_tail, sp.full)]
     return rule
 
 
 RULES = {
-    "mean": lambda sp, sink, window, probe: sp.ratios(sink, window, probe),
+    "ratio": lambda sp, sink, window, probe: sp.ratios(sink, window, probe, "ratio"),
     "headmin": _headmin,
-    "peak8": _peak(8),
+    "peak": lambda sp, sink, window, probe: sp.ratios(sink, window, probe, "peak"),
     "peak32": _peak(32),
 }
 
 
-def layer_scores(sp: SharedPrefill, sink: int, window: int, probe: int, rule: str = "mean") -> list[float]:
+def layer_scores(sp: SharedPrefill, sink: int, window: int, probe: int, rule: str = "ratio") -> list[float]:
     """Every layer's score under ``rule`` (see the module docstring)."""
     if rule not in RULES:
         raise ValueError(f"score rule must be one of {sorted(RULES)}, got {rule!r}")

@@ -50,7 +50,7 @@ class Candidate:
 
     name: str
     policy: str = "lighttransfer"  # lighttransfer | topk | oracle | fixed
-    score: str = "mean"
+    score: str = "ratio"
     sink: int = 4
     window: int = 256
     probe: int = 64
@@ -67,7 +67,7 @@ class Candidate:
             order = sorted(range(n), key=lambda i: float(mass[i].max()))
             return sorted(order[:n_lazy])
         lazy = LazyConfig(fraction=fraction, sink=self.sink, window=self.window, probe=self.probe, policy=self.policy)
-        ratios = None if self.score == "mean" else layer_scores(sp, self.sink, self.window, self.probe, self.score)
+        ratios = None if self.score == "ratio" else layer_scores(sp, self.sink, self.window, self.probe, self.score)
         return sp.lazy_layers(lazy, ratios)
 
 
@@ -89,11 +89,11 @@ def peak_candidates(window: int) -> list[Candidate]:
     """Second round: the needle-agnostic "peak" rules (scoring.py) against the baseline and the oracle."""
     c = [Candidate("full", "full"), Candidate("oracle (needle mass)", "oracle", window=window),
          Candidate("lighttransfer p64 s4", window=window)]
-    for rule in ("peak8", "peak32"):
+    for rule in ("peak", "peak32"):
         for probe in (8, 16, 64):
             c.append(Candidate(f"lighttransfer {rule} p{probe} s4", score=rule, probe=probe, window=window))
-    c.append(Candidate("topk peak8 p16 s4", "topk", "peak8", probe=16, window=window))
-    c.append(Candidate("lighttransfer peak8 p16 s16", score="peak8", sink=16, probe=16, window=window))
+    c.append(Candidate("topk peak p16 s4", "topk", "peak", probe=16, window=window))
+    c.append(Candidate("lighttransfer peak p16 s16", score="peak", sink=16, probe=16, window=window))
     return c
 
 
