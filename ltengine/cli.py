@@ -20,6 +20,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     lz.add_argument("--window", type=int, default=None, help="recent tokens kept by a lazy layer")
     lz.add_argument("--probe", type=int, default=None, help="last prompt queries that score a layer")
     lz.add_argument("--policy", default=None, help="lighttransfer | topk | random | streaming | comma-separated layers")
+    lz.add_argument("--score", default=None, choices=["ratio", "peak"], help="how layers are scored (LazyConfig.score)")
     lz.add_argument("--kv-budget", default=None, help="KV bytes the call may hold, e.g. 512MiB (then the budget decides)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -36,7 +37,7 @@ def _engine(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = DEFAULT_MODEL_LAZY if args.model is None else LazyConfig()
-    fields = {k: getattr(args, k) for k in ("fraction", "sink", "window", "probe") if getattr(args, k) is not None}
+    fields = {k: getattr(args, k) for k in ("fraction", "sink", "window", "probe", "score") if getattr(args, k) is not None}
     if args.policy:
         fields["policy"] = (tuple(int(x) for x in args.policy.split(",")) if args.policy[0].isdigit() else args.policy)
     lazy = LazyConfig(**{**base.__dict__, **fields})

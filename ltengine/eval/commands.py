@@ -57,9 +57,10 @@ def profile(engine, out_dir: str | Path, prompts: list[list[int]], sources: list
     out.mkdir(parents=True, exist_ok=True)
     js = out / "profile.json"
     js.write_text(json.dumps(data, indent=1) + "\n")
+    label = "lazy ratio" if score == "ratio" else f"{score} score (higher = lazier)"
     png = plots.profile_chart(out / "profile.png", mean, std, lazy,
-                              f"lazy ratio over {len(prompts)} prompts (sink {sink}, window {window}, probe {probe}); "
-                              f"{n_lazy} laziest demoted")
+                              f"{label} over {len(prompts)} prompts (sink {sink}, window {window}, probe {probe}); "
+                              f"{n_lazy} laziest demoted", label)
     return dict(json=js, png=png)
 
 

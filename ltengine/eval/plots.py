@@ -15,7 +15,7 @@ def _plt():
 
 
 def profile_chart(path: str | Path, mean: Sequence[float], std: Sequence[float], lazy_layers: Sequence[int],
-                  title: str) -> Path:
+                  title: str, ylabel: str = "lazy ratio") -> Path:
     """Bar per layer (mean lazy ratio, std error bar); demoted layers in orange."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(mean)), 3.2), dpi=90)
@@ -23,7 +23,7 @@ def profile_chart(path: str | Path, mean: Sequence[float], std: Sequence[float],
     colors = ["tab:orange" if i in lazy else "tab:blue" for i in range(len(mean))]
     ax.bar(range(len(mean)), mean, yerr=std, color=colors, capsize=2, error_kw=dict(lw=0.8))
     ax.set_xlabel("layer")
-    ax.set_ylabel("lazy ratio")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.05)
     ax.set_xticks(range(0, len(mean), 2 if len(mean) > 16 else 1))
     ax.set_title(title, fontsize=9)
