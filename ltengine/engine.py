@@ -5,7 +5,7 @@ import os
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -19,8 +19,10 @@ from .pool import KVPool
 from .runner import ReferenceRunner
 from .sampling import sample
 
-# The embedded default model is tiny and less lazy than 7-8B models (see LIGHTTRANSFER.md).
-DEFAULT_MODEL_LAZY = LazyConfig(fraction=0.25, sink=4, window=256, probe=64)
+# The embedded default model is tiny and less lazy than 7-8B models (see LIGHTTRANSFER.md). On it the
+# paper's lazy ratio demotes the layers whose few retrieval heads read a needle (passkey at 3k tokens,
+# 50% lazy: 4% vs 68% full); "peak" scoring over the last 16 queries keeps them (bench/RESULTS.md, issue #5).
+DEFAULT_MODEL_LAZY = LazyConfig(fraction=0.25, sink=4, window=256, probe=16, score="peak")
 
 
 @dataclass
@@ -79,6 +81,7 @@ class _Seq:
 
     prompt: list[int]
     plan_full: int
+    params: SamplingParams | None = None  # the call's parameters with this request's max_new_tokens
     cache: SequenceKV | None = None
     ratios: list[float] = field(default_factory=list)
     lazy_layers: list[int] = field(default_factory=list)
@@ -181,16 +184,27 @@ class Engine:
         return self.adapter.shape.num_layers
 
     # ------------------------------------------------------------------ public calls
-    def generate(self, prompt, max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
+    def generate(self, prompt, max_new_tokens: int | Sequence[int] = 64, *, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
                  ignore_eos: bool = False, lazy: LazyConfig | None | str = "engine"):
         """Generate for one prompt (text or token ids) or a batch (a list of either kind).
 
-        Returns a ``GenerationOutput`` for one prompt, a list of them for a batch.
+        ``max_new_tokens``: one limit for every prompt, or (for a batch) a list with one per prompt;
+        admission reserves each request's own worst case. Returns a ``GenerationOutput`` for one
+        prompt, a list of them for a batch.
         """
+        per_request = None
+        if isinstance(max_new_tokens, (list, tuple)):
+            per_request, max_new_tokens = list(max_new_tokens), max(max_new_tokens, default=64)
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop or (), ignore_eos)
         prompts, single = self._normalize(prompt)
-        outs = list(self._run(prompts, params, self._lazy_for(lazy)))
+        if per_request is not None:
+            if single or len(per_request) != len(prompts):
+                raise ValueError(f"max_new_tokens as a list needs a batch with one entry per prompt: got "
+                                 f"{len(per_request)} for {'a single prompt' if single else f'{len(prompts)} prompts'}")
+            for n in per_request:
+                SamplingParams(n)  # the same check as a single value
+        outs = list(self._run(prompts, params, self._lazy_for(lazy), per_request))
         return outs[0] if single else outs
 
     def stream(self, prompt, max_new_tokens: int = 64, **kwargs) -> Iterator[str]:
@@ -284,10 +298,11 @@ class Engine:
             out.append(ids)
         return out, single
 
-    def _check_lengths(self, prompts: list[list[int]], params: SamplingParams) -> None:
+    def _check_lengths(self, seqs: list[_Seq]) -> None:
         shape = self.adapter.shape
-        for n, ids in enumerate(prompts):
-            where = f"prompt {n}" if len(prompts) > 1 else "prompt"
+        for n, seq in enumerate(seqs):
+            ids, params = seq.prompt, seq.params
+            where = f"prompt {n}" if len(seqs) > 1 else "prompt"
             total = len(ids) + params.max_new_tokens
             if len(ids) > shape.max_context:
                 raise ValueError(f"{where} has {len(ids)} tokens, longer than the model's context of {shape.max_context}")
@@ -298,7 +313,7 @@ class Engine:
                 raise ValueError(f"the model config uses a {shape.sliding_window}-token sliding window and {where} "
                                  f"needs {total} tokens; ltengine supports full-attention configs only")
 
-    def _runner(self, lazy: LazyConfig, prompts: list[list[int]], params: SamplingParams):
+    def _runner(self, lazy: LazyConfig, seqs: list[_Seq]):
         """The runner for this call: cached per (kind, sink, window) so pools and graphs persist."""
         kind = self.runner_kind
         key = (kind, lazy.sink, lazy.window)
@@ -312,7 +327,7 @@ class Engine:
         if self.kv_budget is None and self.adapter.device.type != "cuda":
             # no budget on CPU: a pool that holds exactly this call's prompts at full attention
             shape = self.adapter.shape
-            blocks = sum(shape.num_layers * -(-(len(p) + params.max_new_tokens) // self.block_size) for p in prompts)
+            blocks = sum(shape.num_layers * -(-(len(s.prompt) + s.params.max_new_tokens) // self.block_size) for s in seqs)
             pool = KVPool(blocks + 1, self.block_size, shape.num_kv_heads, shape.head_dim, self.adapter.dtype,
                           self.adapter.device)
             return PagedRunner(self.adapter, self.backend, lazy.sink, lazy.window, pool, prefer=self._prefer)
@@ -358,18 +373,20 @@ class Engine:
     def _as_bytes(runner, units: int) -> int:
         return units * runner.pool.bytes_per_block if isinstance(runner, PagedRunner) else units
 
-    def _run(self, prompts: list[list[int]], params: SamplingParams, lazy: LazyConfig, stream: bool = False):
+    def _run(self, prompts: list[list[int]], params: SamplingParams, lazy: LazyConfig,
+             max_new: list[int] | None = None, stream: bool = False):
         """Admit prompts while their worst-case KV fits, prefill each layer-major, decode all running
         ones together, finish them independently. Yields GenerationOutputs in prompt order (with
         ``stream``, the growing text of the single prompt before its output)."""
-        self._check_lengths(prompts, params)
+        seqs = [_Seq(ids, 0, replace(params, max_new_tokens=max_new[n]) if max_new else params)
+                for n, ids in enumerate(prompts)]
+        self._check_lengths(seqs)
         if lazy.enabled and lazy.policy in ("lighttransfer", "topk") and not self.score_layers:
             raise ValueError(f"policy {lazy.policy!r} needs layer scores; construct the Engine with score_layers=True")
-        runner = self._runner(lazy, prompts, params)
-        seqs = [_Seq(ids, 0) for ids in prompts]
+        runner = self._runner(lazy, seqs)
         for n, seq in enumerate(seqs):
             try:
-                seq.plan_full = self._plan(runner, seq.prompt, params, lazy)
+                seq.plan_full = self._plan(runner, seq.prompt, seq.params, lazy)
             except ValueError as e:
                 if len(seqs) == 1:
                     raise
@@ -399,14 +416,15 @@ class Engine:
             while waiting or running:
                 admitted = []
                 while waiting:
-                    need = runner.footprint(len(waiting[0].prompt), params.max_new_tokens, waiting[0].plan_full)
+                    nxt_seq = waiting[0]
+                    need = runner.footprint(len(nxt_seq.prompt), nxt_seq.params.max_new_tokens, nxt_seq.plan_full)
                     if runner.free is not None and need > runner.free:
                         if not running and not admitted:  # _plan guarantees a fit in an empty pool
                             raise RuntimeError(f"scheduler: {need} KV units planned, {runner.free} free in an idle pool")
                         break  # wait until running sequences finish
                     seq = waiting.popleft()
                     t0 = time.perf_counter()
-                    self._prefill(runner, seq, params, lazy, per_bytes)
+                    self._prefill(runner, seq, seq.params, lazy, per_bytes)
                     if cuda:
                         torch.cuda.synchronize(device)
                     seq.stats.prefill_s = time.perf_counter() - t0
@@ -417,7 +435,7 @@ class Engine:
                     for seq, tok in zip(admitted, first):
                         seq.first_logits = None
                         seq.decode_start = time.perf_counter()
-                        if self._accept(seq, tok, params):
+                        if self._accept(seq, tok, seq.params):
                             running.append(seq)
                         else:
                             self._finish(runner, seq, bar)
@@ -434,7 +452,7 @@ class Engine:
                 decode_s += time.perf_counter() - t0
                 still = []
                 for seq, tok in zip(running, nxt):
-                    if self._accept(seq, tok, params):
+                    if self._accept(seq, tok, seq.params):
                         still.append(seq)
                     else:
                         self._finish(runner, seq, bar)

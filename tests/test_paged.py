@@ -50,6 +50,30 @@ def test_continuous_batching_under_a_budget():
         assert b.token_ids[:n] == one.token_ids
 
 
+@pytest.mark.parametrize("runner", ["paged", "reference"])
+def test_per_request_max_new_tokens(runner):
+    """``max_new_tokens`` as a list: each request stops at its own limit, admission reserves its own
+    worst case, and each output equals the request run alone; bad lists are refused clearly."""
+    model = tiny_model("qwen3", layers=6)
+    prompts = _prompts(4, (30, 90, 7, 150, 60, 33, 120, 10))
+    new = [5, 17, 9, 3, 12, 20, 1, 8]
+    engine = Engine(model, _Ids(), lazy=LazyConfig(fraction=0.5, sink=2, window=14), runner=runner,
+                    block_size=16, kv_budget="160KiB")
+    alone = [engine.generate(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, new)]
+    batch = engine.generate(prompts, max_new_tokens=new, ignore_eos=True)
+    assert [len(o.token_ids) for o in batch] == new
+    assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
+    in_flight = 0 if runner == "paged" else engine._bytes_per_token_layer() * max(map(len, prompts))
+    assert engine.last_stats["peak_kv_bytes"] <= 160 * 1024 + in_flight  # reference: + one layer in flight
+    with pytest.raises(ValueError, match="one entry per prompt: got 2 for 8 prompts"):
+        engine.generate(prompts, max_new_tokens=[1, 2])
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
+        engine.generate(prompts, max_new_tokens=[1] * 7 + [0])
+    with pytest.raises(ValueError, match="got 1 for a single prompt"):
+        engine.generate([1, 2, 3], max_new_tokens=[4])
+    assert engine.generate(prompts[:2], max_new_tokens=[2, 1], ignore_eos=True)[1].token_ids == alone[1].token_ids[:1]
+
+
 def test_prompt_that_never_fits_fails_alone():
     model = tiny_model("llama", layers=4)
     engine = Engine(model, _Ids(), lazy=LazyConfig(sink=4, window=60), runner="paged", block_size=16,
