@@ -16,13 +16,12 @@ from sortedcontainers import SortedList
 from .config import LazyConfig
 
 
-def lazy_ratio(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> float:
-    """Share of attention mass the last queries put on sink and recent keys.
+def probe_probs(q: torch.Tensor, k: torch.Tensor, scale: float):
+    """Causal attention probabilities of the last P queries over all T prompt keys, in fp32.
 
     q: ``[H_q, P, D]`` the last P query rows of the prompt (P <= T), already rotated.
     k: ``[H_kv, T, D]`` all prompt keys, rotated. ``H_q`` is a multiple of ``H_kv`` (GQA).
-    Query i (absolute position T - P + i) counts keys j with ``j < sink`` or ``i - window < j <= i``,
-    under the ordinary causal softmax over the whole prompt. Returns the mean over heads and queries.
+    Returns (probs ``[H_kv, G, P, T]``, query positions ``[P, 1]``, key positions ``[1, T]``).
     """
     h_q, p, _ = q.shape
     h_kv, t, _ = k.shape
@@ -33,10 +32,23 @@ def lazy_ratio(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: 
     pos_q = torch.arange(t - p, t, device=q.device).view(p, 1)
     pos_k = torch.arange(t, device=q.device).view(1, t)
     scores.masked_fill_(pos_k > pos_q, float("-inf"))
-    probs = scores.softmax(dim=-1)
+    return scores.softmax(dim=-1), pos_q, pos_k
+
+
+def kept_mass(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> torch.Tensor:
+    """Per query row, the attention mass on sink and recent keys: ``[H_kv, G, P]``.
+
+    Query i (absolute position T - P + i) counts keys j with ``j < sink`` or ``i - window < j <= i``,
+    under the ordinary causal softmax over the whole prompt (``probe_probs``)."""
+    probs, pos_q, pos_k = probe_probs(q, k, scale)
     keep = (pos_k < sink) | (pos_k > pos_q - window)  # causal part already has zero probability
-    mass = (probs * keep).sum(dim=-1)  # [H_kv, G, P]
-    return float(mass.mean())
+    return (probs * keep).sum(dim=-1)
+
+
+def lazy_ratio(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> float:
+    """Share of attention mass the last queries put on sink and recent keys (``kept_mass``), the mean
+    over heads and queries."""
+    return float(kept_mass(q, k, sink, window, scale).mean())
 
 
 PEAK_KEYS = 8  # distant keys counted by peak_score
@@ -46,17 +58,9 @@ def distant_peak(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale
                  keys: int = PEAK_KEYS) -> torch.Tensor:
     """Per query head, the mean over the P queries of the probability on the ``keys`` most-attended
     *distant* keys (neither sink nor within ``window``). q ``[H_q, P, D]``, k ``[H_kv, T, D]`` -> ``[H_q]``."""
-    h_q, p, _ = q.shape
-    h_kv, t, _ = k.shape
-    group = h_q // h_kv
-    scores = torch.matmul(q.float().reshape(h_kv, group * p, -1), k.float().transpose(1, 2)).mul_(scale)
-    scores = scores.view(h_kv, group, p, t)
-    pos_q = torch.arange(t - p, t, device=q.device).view(p, 1)
-    pos_k = torch.arange(t, device=q.device).view(1, t)
-    scores.masked_fill_(pos_k > pos_q, float("-inf"))
+    probs, pos_q, pos_k = probe_probs(q, k, scale)
     distant = (pos_k >= sink) & (pos_k <= pos_q - window)
-    probs = scores.softmax(dim=-1) * distant
-    return probs.topk(min(keys, t), dim=-1).values.sum(dim=-1).mean(dim=-1).reshape(h_q)
+    return (probs * distant).topk(min(keys, k.shape[1]), dim=-1).values.sum(dim=-1).mean(dim=-1).reshape(q.shape[0])
 
 
 def peak_score(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> float:

@@ -1,33 +1,21 @@
 """The Triton lazy-ratio kernel (kernels/lazy_score.py) against its reference, ``lazy.lazy_ratio``.
 
 GPU only (skipped with a reason elsewhere). Inputs are fresh random tensors each run, with odd sizes;
-the reference runs in fp32 on the very same (bf16/fp16-rounded) values, so the only difference is the
+the reference (``lazy.kept_mass``, the per-row mass behind ``lazy_ratio``) runs in fp32 on the very
+same (bf16/fp16-rounded) values, so the only difference is the
 summation order of fp32 accumulators: per-row kept mass within 2e-5 absolute (the masses are in [0, 1]).
 """
 import pytest
 import torch
 
 from ltengine.kernels import get_backend, lazy_score
-from ltengine.lazy import lazy_ratio
+from ltengine.lazy import kept_mass, lazy_ratio
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not lazy_score.available(), reason="needs a CUDA GPU and triton (lazy-ratio kernel)"),
 ]
 TOL = 2e-5
-
-
-def _mass_ref(q, k, sink, window, scale):
-    """Per-row kept mass [H_kv, G, P]: lazy_ratio's computation before its mean, in fp32."""
-    h_q, p, _ = q.shape
-    h_kv, t, _ = k.shape
-    g = h_q // h_kv
-    s = torch.matmul(q.float().reshape(h_kv, g * p, -1), k.float().transpose(1, 2)).mul_(scale).view(h_kv, g, p, t)
-    pos_q = torch.arange(t - p, t, device=q.device).view(p, 1)
-    pos_k = torch.arange(t, device=q.device).view(1, t)
-    probs = s.masked_fill(pos_k > pos_q, float("-inf")).softmax(-1)
-    keep = (pos_k < sink) | (pos_k > pos_q - window)
-    return (probs * keep).sum(-1)
 
 
 CASES = [  # (h_q, h_kv, d, t, p, sink, window)
@@ -49,7 +37,7 @@ def test_lazy_mass_matches_reference(case, dtype):
     k = torch.randn(t, h_kv, d, device="cuda").to(dtype).transpose(0, 1)
     scale = d ** -0.5 * 3  # sharper than random attention, so the window matters
     got = lazy_score.lazy_mass_triton(q, k, sink, window, scale)
-    ref = _mass_ref(q, k, sink, window, scale)
+    ref = kept_mass(q, k, sink, window, scale)
     assert got.shape == ref.shape
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, ref, atol=TOL, rtol=0)

@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from ..lazy import distant_peak
+from ..lazy import distant_peak, kept_mass
 from .harness import SharedPrefill
 
 
 def head_ratios(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> torch.Tensor:
     """``lazy_ratio`` per query head: q ``[H_q, P, D]``, k ``[H_kv, T, D]`` -> ``[H_q]`` (mean over queries)."""
-    h_q, p, _ = q.shape
-    h_kv, t, _ = k.shape
-    group = h_q // h_kv
-    scores = torch.matmul(q.float().reshape(h_kv, group * p, -1), k.float().transpose(1, 2)).mul_(scale)
-    scores = scores.view(h_kv, group, p, t)
-    pos_q = torch.arange(t - p, t).view(p, 1)
-    pos_k = torch.arange(t).view(1, t)
-    scores.masked_fill_(pos_k > pos_q, float("-inf"))
-    keep = (pos_k < sink) | (pos_k > pos_q - window)
-    return (scores.softmax(dim=-1) * keep).sum(dim=-1).mean(dim=-1).reshape(h_q)
+    return kept_mass(q, k, sink, window, scale).mean(dim=-1).reshape(q.shape[0])
 
 
 def _headmin(sp: SharedPrefill, sink: int, window: int, probe: int) -> list[float]:

@@ -85,7 +85,7 @@ def _splits(h_kv: int, tiles: int, t: int, block_n: int, sms: int) -> int:
 
 def lazy_mass_triton(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> torch.Tensor:
     """Per-row kept mass ``[H_kv, G, P]`` (fp32); q ``[H_q, P, D]``, k ``[H_kv, T, D]`` (any strides with
-    a unit last stride). Same contract as ``ltengine.lazy.lazy_ratio`` before its mean."""
+    a unit last stride): the kernel twin of ``ltengine.lazy.kept_mass``."""
     h_q, p, d = q.shape
     h_kv, t, _ = k.shape
     if h_q % h_kv or p > t or k.shape[-1] != d:
