@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, help="default 1020 (quick 60)")
     p.add_argument("--runner", default="auto")
+    p.add_argument("--max-prefill-tokens", type=int, help="engine's batched-prefill cap (default: the engine's; 1 = off)")
     p.add_argument("--samples", type=int, default=20, help="requests re-run one at a time")
     p.add_argument("--config", default=CONFIG_8B)
     p.add_argument("--device")
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
           f"max_new_tokens 1..{a.new_max}, KV budget {format_bytes(budget)}, lazy {lazy}, runner {a.runner}, "
           f"{config.num_hidden_layers} layers, {device} {dtype} (model built in {init_s:.1f} s)", flush=True)
 
-    engine = Engine(model, IdsTokenizer(), lazy=lazy, kv_budget=budget, runner=a.runner, progress=False)
+    engine = Engine(model, IdsTokenizer(), lazy=lazy, kv_budget=budget, runner=a.runner, progress=False,
+                    max_prefill_tokens=a.max_prefill_tokens)
     engine.generate([prompts[0][:64]], max_new_tokens=2, ignore_eos=True)  # warm-up; an idle pool's free space
     idle_free = engine.last_stats.get("pool_free_after")
 
@@ -128,6 +130,9 @@ def main(argv=None) -> int:
     checks.append(("peak KV within the budget", peak is not None and peak <= budget,
                    f"peak {format_bytes(peak or 0)} of {format_bytes(budget)}"))
     running = stats.get("max_running")
+    batches = [o.stats.prefill_batch for o in outs if o.finish_reason != "error"]
+    print(f"prefill: {stats.get('prefill_s', 0):.1f} s in {sum(1 / b for b in batches):.0f} batches "
+          f"(max_prefill_tokens {engine.max_prefill_tokens}; largest {max(batches, default=0)} prompts)", flush=True)
     print(f"continuous batching: at most {running} of {n_req} requests decoded at once", flush=True)
 
     idx = sorted(random.Random(a.seed + 1).sample(range(n_req), min(a.samples, n_req)))

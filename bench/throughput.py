@@ -13,6 +13,8 @@ One command measures the baseline and both engine modes in the same process, on 
   ltengine-full count and, if that does not fit its own memory, fewer (the count that ran is reported);
 - ``longest``: the longest single prompt each engine mode can prefill in ``--long-budget`` (arithmetic
   from the pool, then verified by prefilling it; the lazy mode must keep exactly its 50% lazy layers);
+- ``prefill``: ``--prefill-batch`` (32) prompts of ``--prefill-len`` (2048) tokens, 50% lazy, 1 new token
+  each: prefill time one prompt at a time (``max_prefill_tokens=1``) vs batched (the engine's default);
 - ``scoring``: prefill of one 32k prompt with ``LazyConfig(fraction=0.5)``, ``lazy=None`` and
   ``lazy=None, score_layers=False``: the share of prefill the lazy-ratio scoring adds.
 
@@ -54,8 +56,8 @@ QUICK_OVERRIDES = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=5
                        num_key_value_heads=2, head_dim=64, vocab_size=1024, max_position_embeddings=8192,
                        bos_token_id=1, eos_token_id=2)
 # run order: the targets' points first; 1x32k before budget, whose HF fallback count uses its peak
-POINTS = ("1x8k", "1x32k", "budget", "longest", "scoring", "8x8k")
-TABLE_ORDER = ("1x8k", "8x8k", "1x32k", "budget", "longest", "scoring")
+POINTS = ("1x8k", "1x32k", "budget", "longest", "scoring", "8x8k", "prefill")
+TABLE_ORDER = ("1x8k", "8x8k", "1x32k", "budget", "longest", "scoring", "prefill")
 MODES = ("hf", "full", "lazy")
 
 
@@ -605,6 +607,36 @@ class Bench:
             free_memory()
             self.record(rec)
 
+    def point_prefill(self) -> None:
+        """Many mid-length prompts: prefill one at a time vs batched (same engine mode, same prompts)."""
+        name, n, t = "prefill", self.args.prefill_batch, self.args.prefill_len or (128 if self.quick else 2048)
+        prompts = random_prompts(n, t, self.config.vocab_size, seed=23)
+        if "max_prefill_tokens" not in engine_kwargs_supported():
+            self.skipped(name, "lazy", "engine has no max_prefill_tokens= (no batched prefill)")
+            return
+        for label, cap in (("one at a time", 1), ("batched", None)):
+            if self.out_of_time():
+                self.skipped(name, "lazy", "deadline passed", note=label)
+                continue
+            rec = dict(point=name, mode="lazy", batch=n, prompt_tokens=t, new_tokens=1, note=label,
+                       kv_budget=self.kv_budget)
+            engine = None
+            try:
+                engine = self.engine("lazy", self.kv_budget, **({"max_prefill_tokens": cap} if cap else {}))
+                engine.generate(prompts[:min(n, 8)], max_new_tokens=1, ignore_eos=True)  # warm-up
+                self._reset_peak()
+                outs = engine.generate(prompts, max_new_tokens=1, ignore_eos=True)
+                _sync(self.device)
+                rec.update(summarize(engine, outs))
+                rec.update(status="ok" if not rec["errors"] else "error", peak_gpu_bytes=self._peak(),
+                           prefill_tok_s=n * t / rec["prefill_s"] if rec.get("prefill_s") else None,
+                           prefill_batches=sorted({o.stats.prefill_batch for o in outs}))
+            except Exception as e:  # noqa: BLE001
+                rec.update(status="oom" if is_oom(e) else "error", error=_short(e))
+            del engine
+            free_memory()
+            self.record(rec)
+
     # -------------------------------------------------------------------------------- targets
     def targets(self) -> list[dict]:
         def get(point, mode, key="decode_tok_s", note=None):
@@ -653,6 +685,11 @@ class Bench:
                   f"({_fmt(100 * (on - off) / off if on else None, '+.1f')}%); LazyConfig(fraction={self.lazy.fraction}) "
                   f"{_fmt(lazy_s, '.3f')} s ({_fmt(100 * (lazy_s - off) / off if lazy_s else None, '+.1f')}%, "
                   f"scoring + truncation)")
+        one = _first(self.records, "prefill", "lazy", "prefill_s", "one at a time")
+        many = _first(self.records, "prefill", "lazy", "prefill_s", "batched")
+        if one and many:
+            print(f"\nprefill of {self.args.prefill_batch} x {self.args.prefill_len or (128 if self.quick else 2048)} "
+                  f"tokens: one at a time {one:.3f} s, batched {many:.3f} s ({one / many:.2f}x)")
         targets = self.targets()
         print("\ntargets:")
         for t in targets:
@@ -769,6 +806,8 @@ def parse_args(argv=None):
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, help="default 1020 (quick 60)")
     p.add_argument("--scoring-reps", type=int, help="timed prefills per scoring variant, min kept (default 2; quick 3)")
+    p.add_argument("--prefill-batch", type=int, default=32, help="prompts of the prefill point (default 32)")
+    p.add_argument("--prefill-len", type=int, help="their length (default 2048; quick 128)")
     p.add_argument("--deadline-s", type=float, default=500, help="skip runs that would start after this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: quick 1, for steady timings; else torch's)")
@@ -811,6 +850,8 @@ def main(argv=None) -> int:
                     bench.point_longest()
                 elif name == "scoring":
                     bench.point_scoring()
+                elif name == "prefill":
+                    bench.point_prefill()
             except Exception as e:  # noqa: BLE001 - one broken point must not lose the others
                 traceback.print_exc()
                 bench.record(dict(point=name, mode="-", status="error", error=_short(e)))

@@ -79,8 +79,13 @@ class _LayerKV:
 class FullKV(_LayerKV):
     """Every token of one layer: token p in slot p; the first ``length`` slots are valid."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, meter: KVMeter):
-        super().__init__(k.contiguous(), v.contiguous(), k.shape[0], meter)
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, meter: KVMeter, capacity: int | None = None):
+        """The ``k.shape[0]`` tokens of ``k``/``v``; ``capacity``: slots to allocate at once (room for
+        the decode tokens), so that no later ``reserve`` holds two buffers at a time."""
+        length = k.shape[0]
+        if capacity is not None and capacity > length:
+            k, v = _grown(k, capacity), _grown(v, capacity)
+        super().__init__(k.contiguous(), v.contiguous(), length, meter)
 
     def slot(self, position: int) -> int:
         return position
@@ -112,24 +117,26 @@ class SinkWindowKV(_LayerKV):
 
 
 def truncated(k: torch.Tensor, v: torch.Tensor, length: int, sink: int, window: int, truncate_kv_,
-              meter: KVMeter) -> SinkWindowKV:
+              meter: KVMeter, capacity: int | None = None) -> SinkWindowKV:
     """A streaming cache from a full buffer ``k``/``v`` ``[capacity, H_kv, D]`` holding ``length`` tokens.
 
     ``truncate_kv_`` (a kernel backend's op) compacts the buffer in place: the sink stays, the last
     ``window`` tokens move into their ring slots right behind it. The compacted prefix is then moved
-    into a buffer of exactly that size, so the allocator gets the whole old buffer back.
+    into a buffer of exactly that size (or of ``min(capacity, sink + window)`` slots when larger:
+    room for the decode tokens), so the allocator gets the whole old buffer back.
     """
     if length > sink + window:
         lengths = torch.tensor([length], dtype=torch.int32, device=k.device)
         truncate_kv_(k.unsqueeze(0), v.unsqueeze(0), lengths, sink, window)
     # (a buffer of <= sink + window tokens already has token p in slot p = its ring slot)
     keep = min(k.shape[0], sink + window)
-    return SinkWindowKV(k[:keep].clone(), v[:keep].clone(), length, sink, window, meter)
+    slots = max(keep, min(capacity or 0, sink + window))
+    return SinkWindowKV(_grown(k[:keep], slots), _grown(v[:keep], slots), length, sink, window, meter)
 
 
 def demote(full: FullKV, sink: int, window: int, truncate_kv_) -> SinkWindowKV:
     """Truncate a stored full layer to sink + window in place, and free the rest."""
-    lazy = truncated(full.k, full.v, full.length, sink, window, truncate_kv_, full.meter)
+    lazy = truncated(full.k, full.v, full.length, sink, window, truncate_kv_, full.meter, full.capacity)
     full.release()  # counted after the copy: both buffers exist for a moment
     return lazy
 

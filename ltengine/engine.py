@@ -35,6 +35,7 @@ class GenerationStats:
     full_kv_bytes: int = 0  # what full attention would hold for the same prompt
     peak_kv_bytes: int = 0  # most KV held at once during the call (all its sequences)
     peak_cuda_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated over the call
+    prefill_batch: int = 1  # prompts prefilled together with this one (prefill_s is that batch's time)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -111,11 +112,18 @@ class Engine:
             CUDA) or ``"reference"`` (contiguous per-sequence caches; the default on CPU).
         block_size: tokens per pool block (paged runner).
         score_layers: False skips lazy-ratio scoring (only for policies that need no scores).
+        max_prefill_tokens: prompts admitted together are prefilled as one batch, right-padded to the
+            longest, while the batch holds at most this many tokens (padding included) and padding is
+            at most a fifth of them; a longer prompt is prefilled alone. 1 = one prompt at a time.
+            None: 16384 on CUDA, 2048 on CPU (where only short prompts gain: a CPU GEMM is already
+            compute bound at a few thousand rows).
+        progress: progress bars (None: for batches of 16+ prompts and long CPU prefills).
     """
 
     def __init__(self, model, tokenizer=None, lazy: LazyConfig | None = LazyConfig(),
                  kv_budget: int | str | None = None, backend: str | None = None, runner: str = "auto",
-                 block_size: int = 64, score_layers: bool = True, progress: bool | None = None):
+                 block_size: int = 64, score_layers: bool = True, progress: bool | None = None,
+                 max_prefill_tokens: int | None = None):
         if model is None or isinstance(model, (str, os.PathLike)):
             model, loaded_tok = load_model(model)
             tokenizer = tokenizer or loaded_tok
@@ -130,6 +138,11 @@ class Engine:
             raise ValueError(f"runner must be 'auto', 'paged' or 'reference', got {runner!r}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if max_prefill_tokens is None:
+            max_prefill_tokens = 16384 if self.adapter.device.type == "cuda" else 2048
+        if isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be a positive integer (1 = no batched prefill), "
+                             f"got {max_prefill_tokens!r}")
         self.lazy = lazy if lazy is not None else FULL
         self._runners: dict = {}
         self._kv_pool: KVPool | None = None
@@ -138,6 +151,7 @@ class Engine:
         self.backend = get_backend(self.adapter.device, prefer=backend)
         self.runner_kind = runner if runner != "auto" else ("paged" if self.adapter.device.type == "cuda" else "reference")
         self.block_size = block_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.score_layers = score_layers
         self.progress = progress
         self.eos_ids = _eos_ids(model, self.tokenizer)
@@ -414,22 +428,25 @@ class Engine:
         max_running = 0
         try:
             while waiting or running:
-                admitted = []
+                admitted, reserved = [], 0
                 while waiting:
                     nxt_seq = waiting[0]
                     need = runner.footprint(len(nxt_seq.prompt), nxt_seq.params.max_new_tokens, nxt_seq.plan_full)
-                    if runner.free is not None and need > runner.free:
+                    if runner.free is not None and need > runner.free - reserved:
                         if not running and not admitted:  # _plan guarantees a fit in an empty pool
                             raise RuntimeError(f"scheduler: {need} KV units planned, {runner.free} free in an idle pool")
                         break  # wait until running sequences finish
-                    seq = waiting.popleft()
+                    admitted.append(waiting.popleft())
+                    reserved += need
+                for group in self._prefill_groups(admitted):
                     t0 = time.perf_counter()
-                    self._prefill(runner, seq, seq.params, lazy, per_bytes)
+                    self._prefill(runner, group, lazy, per_bytes)
                     if cuda:
                         torch.cuda.synchronize(device)
-                    seq.stats.prefill_s = time.perf_counter() - t0
-                    prefill_s += seq.stats.prefill_s
-                    admitted.append(seq)
+                    dt = time.perf_counter() - t0
+                    for seq in group:
+                        seq.stats.prefill_s, seq.stats.prefill_batch = dt, len(group)
+                    prefill_s += dt
                 if admitted:
                     first = sample(torch.stack([s.first_logits for s in admitted]), params, generator).tolist()
                     for seq, tok in zip(admitted, first):
@@ -485,20 +502,41 @@ class Engine:
                                    lazy_layers=seq.lazy_layers, lazy_ratios=seq.ratios, stats=seq.stats,
                                    num_layers=self.num_layers, error=seq.error)
 
-    def _prefill(self, runner, seq: _Seq, params: SamplingParams, lazy: LazyConfig, per_bytes: int) -> None:
-        policy = make_policy(lazy, self.num_layers, seq.plan_full) if lazy.enabled else _NeverPolicy()
-        ids = torch.tensor(seq.prompt, dtype=torch.long, device=self.adapter.device)
-        bar = self._progress_bar(len(seq.prompt))
+    def _prefill_groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
+        """Split admitted prompts into prefill batches: longest first, each batch at most
+        ``max_prefill_tokens`` padded tokens with at most a fifth of them padding."""
+        groups: list[list[_Seq]] = []
+        real = 0
+        for seq in sorted(seqs, key=lambda s: len(s.prompt), reverse=True):
+            n = len(seq.prompt)
+            if groups:
+                cur = groups[-1]
+                padded = (len(cur) + 1) * len(cur[0].prompt)
+                if padded <= self.max_prefill_tokens and 5 * (real + n) >= 4 * padded:
+                    cur.append(seq)
+                    real += n
+                    continue
+            groups.append([seq])
+            real = n
+        return groups
+
+    def _prefill(self, runner, group: list[_Seq], lazy: LazyConfig, per_bytes: int) -> None:
+        dev = self.adapter.device
+        prompts = [(torch.tensor(seq.prompt, dtype=torch.long, device=dev),
+                    make_policy(lazy, self.num_layers, seq.plan_full) if lazy.enabled else _NeverPolicy(),
+                    seq.params.max_new_tokens) for seq in group]
+        bar = self._progress_bar(sum(len(seq.prompt) for seq in group), len(group))
         try:
-            res = runner.prefill(ids, policy, lazy.probe, params.max_new_tokens, score=self.score_layers,
-                                 progress=(lambda n: bar.update(1)) if bar else None)
+            results = runner.prefill_batch(prompts, lazy.probe, score=self.score_layers,
+                                           progress=(lambda n: bar.update(1)) if bar else None)
         finally:
             if bar:
                 bar.close()
-        seq.handle, seq.ratios, seq.lazy_layers = res.handle, res.ratios, res.lazy_layers
-        seq.first_logits = res.logits
-        seq.stats = GenerationStats(prompt_tokens=len(seq.prompt), kv_bytes_after_prefill=res.kv_bytes,
-                                    full_kv_bytes=per_bytes * self.num_layers * len(seq.prompt))
+        for seq, res in zip(group, results):
+            seq.handle, seq.ratios, seq.lazy_layers = res.handle, res.ratios, res.lazy_layers
+            seq.first_logits = res.logits
+            seq.stats = GenerationStats(prompt_tokens=len(seq.prompt), kv_bytes_after_prefill=res.kv_bytes,
+                                        full_kv_bytes=per_bytes * self.num_layers * len(seq.prompt))
 
     def _finish(self, runner, seq: _Seq, bar=None) -> None:
         seq.stats.decode_s = time.perf_counter() - seq.decode_start
@@ -538,12 +576,13 @@ class Engine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    def _progress_bar(self, prompt_tokens: int):
+    def _progress_bar(self, prompt_tokens: int, prompts: int = 1):
         show = self.progress if self.progress is not None else prompt_tokens >= 4096 and self.adapter.device.type == "cpu"
         if not show:
             return None
         from tqdm.auto import tqdm
-        return tqdm(total=self.num_layers, desc=f"prefill {prompt_tokens} tokens", unit="layer", leave=False)
+        what = f"{prompts} prompts, " if prompts > 1 else ""
+        return tqdm(total=self.num_layers, desc=f"prefill {what}{prompt_tokens} tokens", unit="layer", leave=False)
 
 
 class _NeverPolicy:

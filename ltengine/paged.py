@@ -9,6 +9,7 @@ can be captured in a CUDA graph per batch-size bucket.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -17,7 +18,7 @@ from .kernels.paged import pick_paged_decode
 from .lazy import LayerPolicy
 from .models import DecoderAdapter
 from .pool import KVPool
-from .runner import PrefillResult, layer_major
+from .runner import PrefillJob, PrefillResult, layer_major
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -75,18 +76,21 @@ class PagedRunner:
         table = torch.tensor(blocks, dtype=torch.long, device=slots.device)
         return table[slots // bs] * bs + slots % bs
 
-    @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, policy: LayerPolicy, probe: int, max_new: int, score: bool = True,
                 progress=None) -> PrefillResult:
+        return self.prefill_batch([(ids, policy, max_new)], probe, score, progress)[0]
+
+    @torch.inference_mode()
+    def prefill_batch(self, prompts: Sequence[tuple[torch.Tensor, LayerPolicy, int]], probe: int, score: bool = True,
+                      progress=None) -> list[PrefillResult]:
+        """Prefill ``(ids [T], policy, max_new)`` prompts together (``layer_major``); one result each.
+        Each prompt takes exactly its ``footprint`` of blocks at its peak."""
         pool, sink, window = self.pool, self.sink, self.window
-        t = ids.shape[0]
-        total = t + max_new
         flat_k = pool.k.view(-1, *pool.k.shape[2:])
         flat_v = pool.v.view(-1, *pool.v.shape[2:])
-        seq = PagedSeq(blocks=[[] for _ in range(self.adapter.shape.num_layers)],
-                       lazy=[False] * self.adapter.shape.num_layers)
-        lazy_blocks = pool.blocks_for(min(total, sink + window))
-        dev = ids.device
+        n_layers = self.adapter.shape.num_layers
+        seqs = [PagedSeq(blocks=[[] for _ in range(n_layers)], lazy=[False] * n_layers) for _ in prompts]
+        dev = prompts[0][0].device
 
         def ring_positions(length):  # positions a sink + window cache keeps, and their slots
             pos = torch.cat([torch.arange(min(length, sink), device=dev),
@@ -94,41 +98,50 @@ class PagedRunner:
             slots = torch.where(pos < sink, pos, sink + (pos - sink) % window)
             return pos, slots
 
-        def store(i, k, v, lazy):
-            if lazy:
-                blocks = pool.alloc(lazy_blocks)
-                pos, slots = ring_positions(t)
-                rows = self._slots(blocks, slots)
-                flat_k.index_copy_(0, rows, k.index_select(0, pos))
-                flat_v.index_copy_(0, rows, v.index_select(0, pos))
-            else:
-                blocks = pool.alloc(pool.blocks_for(total))
-                rows = self._slots(blocks, torch.arange(t, device=dev))
-                flat_k.index_copy_(0, rows, k)
-                flat_v.index_copy_(0, rows, v)
-            seq.blocks[i], seq.lazy[i] = blocks, lazy
+        def job(ids, policy, max_new, seq):
+            t = ids.shape[0]
+            total = t + max_new
+            lazy_blocks = pool.blocks_for(min(total, sink + window))
 
-        def demote_(j):
-            # in place: gather the kept tokens (a copy of sink + window rows, so overlap is harmless),
-            # write them into their ring slots of the same blocks, then hand the tail blocks back
-            blocks = seq.blocks[j]
-            pos, slots = ring_positions(t)
-            src, dst = self._slots(blocks, pos), self._slots(blocks, slots)
-            flat_k.index_copy_(0, dst, flat_k.index_select(0, src))
-            flat_v.index_copy_(0, dst, flat_v.index_select(0, src))
-            pool.free(blocks[lazy_blocks:])
-            seq.blocks[j], seq.lazy[j] = blocks[:lazy_blocks], True
+            def store(i, k, v, lazy):
+                if lazy:
+                    blocks = pool.alloc(lazy_blocks)
+                    pos, slots = ring_positions(t)
+                    rows = self._slots(blocks, slots)
+                    flat_k.index_copy_(0, rows, k.index_select(0, pos))
+                    flat_v.index_copy_(0, rows, v.index_select(0, pos))
+                else:
+                    blocks = pool.alloc(pool.blocks_for(total))
+                    rows = self._slots(blocks, torch.arange(t, device=dev))
+                    flat_k.index_copy_(0, rows, k)
+                    flat_v.index_copy_(0, rows, v)
+                seq.blocks[i], seq.lazy[i] = blocks, lazy
+
+            def demote_(j):
+                # in place: gather the kept tokens (a copy of sink + window rows, so overlap is harmless),
+                # write them into their ring slots of the same blocks, then hand the tail blocks back
+                blocks = seq.blocks[j]
+                pos, slots = ring_positions(t)
+                src, dst = self._slots(blocks, pos), self._slots(blocks, slots)
+                flat_k.index_copy_(0, dst, flat_k.index_select(0, src))
+                flat_v.index_copy_(0, dst, flat_v.index_select(0, src))
+                pool.free(blocks[lazy_blocks:])
+                seq.blocks[j], seq.lazy[j] = blocks[:lazy_blocks], True
+
+            return PrefillJob(ids, policy, store, demote_)
 
         try:
-            h, ratios = layer_major(self.adapter, ids, policy, sink, window, probe, store, demote_, score, progress,
-                                    self.backend.lazy_ratio)
+            h, ratios = layer_major(self.adapter, [job(*p, seq) for p, seq in zip(prompts, seqs)], sink, window,
+                                    probe, score, progress, self.backend.lazy_ratio)
         except BaseException:
-            self.release(seq)
+            for seq in seqs:
+                self.release(seq)
             raise
-        kv_bytes = sum(len(b) for b in seq.blocks) * pool.bytes_per_block
         self._batch = None
-        lazy_layers = [i for i, z in enumerate(seq.lazy) if z]
-        return PrefillResult(self.adapter.logits(h)[0], ratios, lazy_layers, kv_bytes, seq)
+        logits = self.adapter.logits(h)
+        return [PrefillResult(logits[n], ratios[n], [i for i, z in enumerate(seq.lazy) if z],
+                              sum(len(b) for b in seq.blocks) * pool.bytes_per_block, seq)
+                for n, seq in enumerate(seqs)]
 
     def release(self, seq: PagedSeq) -> None:
         for blocks in seq.blocks:

@@ -8,6 +8,7 @@ Two runners share one interface (``footprint``/``capacity``/``free``, ``prefill`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,40 +44,65 @@ class PrefillResult:
     handle: object  # the runner's per-sequence state
 
 
-def layer_major(adapter: DecoderAdapter, ids: torch.Tensor, policy: LayerPolicy, sink: int, window: int,
-                probe: int, store, demote_, score: bool = True, progress=None, ratio_fn=lazy_ratio):
-    """The prefill loop both runners share. Runs prompt ``ids`` ``[T]`` through layer 0, then 1, ...
+@dataclass
+class PrefillJob:
+    """One prompt of a (batched) layer-major prefill: its tokens, its own lazy-layer queue, and the
+    runner's callbacks that store layer i's KV and demote an already stored layer j."""
 
-    After layer l is computed and scored, the policy names layers to demote; those already stored
-    are truncated (``demote_(j)``) *before* layer l is stored (``store(l, k, v, lazy)``), so the
-    queue never holds more than its capacity: the one layer in flight is the activations.
-    ``ratio_fn``: the scorer (``lazy.lazy_ratio`` or a backend's ``lazy_ratio`` kernel, same contract).
-    Returns (last hidden state ``[1, hidden]``, ratios).
+    ids: torch.Tensor  # [T]
+    policy: LayerPolicy
+    store: Callable[[int, torch.Tensor, torch.Tensor, bool], None]  # (i, k [T, H_kv, D], v, lazy)
+    demote_: Callable[[int], None]
+
+
+def layer_major(adapter: DecoderAdapter, jobs: Sequence[PrefillJob], sink: int, window: int, probe: int,
+                score: bool = True, progress=None, ratio_fn=lazy_ratio):
+    """The prefill loop both runners share: runs prompts through layer 0, then 1, ...
+
+    Several prompts go through each layer together, right-padded to the longest: attention is causal,
+    so a prompt's tokens never see the padding after them, and only each prompt's own rows are
+    scored, stored and read out. Per prompt, after layer l is computed and scored, its policy names
+    layers to demote; those already stored are truncated (``demote_(j)``) *before* layer l is stored
+    (``store(l, k, v, lazy)``), so no queue ever holds more than its capacity: the one layer in
+    flight is the activations.
+    ``ratio_fn``: the scorer (``lazy.lazy_ratio`` or a backend's ``lazy_ratio`` kernel, same contract);
+    a policy's own ``scorer`` (``LazyConfig(score="peak")``) takes precedence.
+    Returns (last hidden state of each prompt ``[B, hidden]``, each prompt's ratios).
     """
-    t = ids.shape[0]
-    ratio_fn = getattr(policy, "scorer", None) or ratio_fn  # LazyConfig(score="peak"): lazy.peak_score
-    h = adapter.embed(ids.view(1, t))
-    cos, sin = adapter.rope(h, torch.arange(t, device=ids.device).view(1, t))
-    ratios: list[float] = []
-    p = min(probe, t)
+    lengths = [job.ids.shape[0] for job in jobs]
+    b, t = len(jobs), max(lengths)
+    dev = jobs[0].ids.device
+    ids = torch.zeros((b, t), dtype=torch.long, device=dev)
+    for n, job in enumerate(jobs):
+        ids[n, :lengths[n]] = job.ids
+    scorers = [getattr(job.policy, "scorer", None) or ratio_fn for job in jobs]
+    h = adapter.embed(ids)
+    cos, sin = adapter.rope(h, torch.arange(t, device=dev).expand(b, t))
+    ratios: list[list[float]] = [[] for _ in jobs]
     for i in range(adapter.shape.num_layers):
         q, k, v = adapter.qkv(i, h, cos, sin)
-        r = ratio_fn(q[0, -p:].transpose(0, 1), k[0].transpose(0, 1), sink, window, adapter.scale) if score else 0.0
-        ratios.append(r)
+        for n, length in enumerate(lengths):
+            p = min(probe, length)
+            r = scorers[n](q[n, length - p:length].transpose(0, 1), k[n, :length].transpose(0, 1), sink, window,
+                           adapter.scale) if score else 0.0
+            ratios[n].append(r)
         o = prefill_attention(q, k, v, adapter.scale)
-        h = adapter.finish_layer(i, h, o.reshape(1, t, -1))
+        h = adapter.finish_layer(i, h, o.reshape(b, t, -1))
         del q, o
-        now = policy.observe(i, r)
-        for j in now:
-            if j != i:
-                demote_(j)
-        store(i, k[0], v[0], i in now)
+        for n, (job, length) in enumerate(zip(jobs, lengths)):
+            now = job.policy.observe(i, ratios[n][-1])
+            for j in now:
+                if j != i:
+                    job.demote_(j)
+            job.store(i, k[n, :length], v[n, :length], i in now)
         del k, v
         if progress is not None:
             progress(i + 1)
-    for j in policy.finish():
-        demote_(j)
-    return h[:, -1], ratios if score else []
+    for job in jobs:
+        for j in job.policy.finish():
+            job.demote_(j)
+    last = torch.tensor([length - 1 for length in lengths], device=dev)
+    return h[torch.arange(b, device=dev), last], ratios if score else [[] for _ in jobs]
 
 
 class ReferenceRunner:
@@ -95,9 +121,12 @@ class ReferenceRunner:
         self.per_token_layer = 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=adapter.dtype).element_size()
 
     def footprint(self, prompt_len: int, max_new: int, n_full: int) -> int:
+        """Worst-case bytes: full layers at prompt + new tokens, lazy ones at sink + window, and one
+        more sink + window buffer while a demotion copies the kept tokens out of a full layer."""
         total = prompt_len + max_new
         lazy = self.adapter.shape.num_layers - n_full
-        return self.per_token_layer * (n_full * total + lazy * min(total, self.sink + self.window))
+        ring = min(total, self.sink + self.window)
+        return self.per_token_layer * (n_full * total + lazy * ring + (ring if lazy else 0))
 
     @property
     def free(self) -> int | None:
@@ -107,31 +136,45 @@ class ReferenceRunner:
     def kv_bytes(self) -> int:
         return self.meter.current
 
-    @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, policy: LayerPolicy, probe: int, max_new: int, score: bool = True,
                 progress=None) -> PrefillResult:
-        cache = SequenceKV(layers=[None] * self.adapter.shape.num_layers, meter=self.meter)
+        return self.prefill_batch([(ids, policy, max_new)], probe, score, progress)[0]
+
+    @torch.inference_mode()
+    def prefill_batch(self, prompts: Sequence[tuple[torch.Tensor, LayerPolicy, int]], probe: int, score: bool = True,
+                      progress=None) -> list[PrefillResult]:
+        """Prefill ``(ids [T], policy, max_new)`` prompts together (``layer_major``); one result each."""
         sink, window = self.sink, self.window
+        caches = [SequenceKV(layers=[None] * self.adapter.shape.num_layers, meter=self.meter) for _ in prompts]
 
-        def store(i, k, v, lazy):
-            if lazy:  # stored straight as sink + window: its full KV never enters the cache
-                cache.layers[i] = truncated(k, v, k.shape[0], sink, window, self.backend.truncate_kv_, self.meter)
-            else:
-                cache.layers[i] = FullKV(k, v, self.meter)
+        def job(ids, policy, max_new, cache):
+            total = ids.shape[0] + max_new  # buffers get room for the decode tokens at once
 
-        def demote_(j):
-            cache.layers[j] = demote(cache.layers[j], sink, window, self.backend.truncate_kv_)
+            def store(i, k, v, lazy):
+                if lazy:  # stored straight as sink + window: its full KV never enters the cache
+                    cache.layers[i] = truncated(k, v, k.shape[0], sink, window, self.backend.truncate_kv_, self.meter,
+                                                total)
+                else:
+                    cache.layers[i] = FullKV(k, v, self.meter, total)
+
+            def demote_(j):
+                cache.layers[j] = demote(cache.layers[j], sink, window, self.backend.truncate_kv_)
+
+            return PrefillJob(ids, policy, store, demote_)
 
         try:
-            h, ratios = layer_major(self.adapter, ids, policy, sink, window, probe, store, demote_, score, progress,
-                                    self.backend.lazy_ratio)
+            h, ratios = layer_major(self.adapter, [job(*p, c) for p, c in zip(prompts, caches)],
+                                    sink, window, probe, score, progress, self.backend.lazy_ratio)
         except BaseException:
-            cache.release()
+            for cache in caches:
+                cache.release()
             raise
-        kv_bytes = cache.nbytes
-        for c in cache.layers:  # room for the decode tokens, counted in the footprint
-            c.reserve(ids.shape[0] + max_new)
-        return PrefillResult(self.adapter.logits(h)[0], ratios, cache.lazy_layers, kv_bytes, cache)
+        logits = self.adapter.logits(h)
+        results = []
+        # KV bytes of the prompt's kept tokens (the buffers also hold room for the decode tokens)
+        held = [sum(c.nbytes // c.capacity * min(c.length, c.capacity) for c in cache.layers) for cache in caches]
+        return [PrefillResult(logits[n], ratios[n], cache.lazy_layers, held[n], cache)
+                for n, cache in enumerate(caches)]
 
     @torch.inference_mode()
     def decode(self, caches: list[SequenceKV], tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
