@@ -152,6 +152,9 @@ class Engine:
         self.runner_kind = runner if runner != "auto" else ("paged" if self.adapter.device.type == "cuda" else "reference")
         self.block_size = block_size
         self.max_prefill_tokens = max_prefill_tokens
+        # launch decode step n + 1 before taking in step n's tokens on the host (None: on CUDA); a
+        # sequence that finishes at step n has computed one spare row in step n + 1
+        self.overlap: bool | None = None
         self.score_layers = score_layers
         self.progress = progress
         self.eos_ids = _eos_ids(model, self.tokenizer)
@@ -422,12 +425,13 @@ class Engine:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(seqs), initial=len(seqs) - len(waiting), desc="requests", unit="req")
         running: list[_Seq] = []
-        tokens = None
+        pending: dict | None = None  # the decode step in flight (overlap): its sequences and tokens
+        overlap = self.overlap if self.overlap is not None else cuda  # a CPU step runs to completion on launch
         t_start = time.perf_counter()
         prefill_s = decode_s = 0.0
         max_running = 0
         try:
-            while waiting or running:
+            while waiting or running or pending is not None:
                 admitted, reserved = [], 0
                 while waiting:
                     nxt_seq = waiting[0]
@@ -458,23 +462,22 @@ class Engine:
                             self._finish(runner, seq, bar)
                     if stream and seqs[0].finish_reason is None:
                         yield self._decode(seqs[0].tokens)
-                if not running:
-                    continue
-                max_running = max(max_running, len(running))
-                t0 = time.perf_counter()
-                toks = torch.tensor([s.tokens[-1] for s in running], device=device)
-                positions = torch.tensor([len(s.prompt) + len(s.tokens) - 1 for s in running], device=device)
-                logits = runner.decode([s.handle for s in running], toks, positions)
-                nxt = sample(logits, params, generator).tolist()
-                decode_s += time.perf_counter() - t0
-                still = []
-                for seq, tok in zip(running, nxt):
-                    if self._accept(seq, tok, seq.params):
-                        still.append(seq)
-                    else:
-                        self._finish(runner, seq, bar)
-                running = still
-                if stream:
+                launched = None
+                if running:
+                    max_running = max(max_running, len(running))
+                    t0 = time.perf_counter()
+                    launched = self._launch(runner, running, pending, params, generator)
+                    decode_s += time.perf_counter() - t0
+                if pending is not None or (launched is not None and not overlap):
+                    # with overlap, the step just launched runs on the GPU while the host takes in the
+                    # tokens of the one before it; otherwise a step's tokens are taken in at once
+                    done, launched = (pending, launched) if overlap else (launched, None)
+                    t0 = time.perf_counter()
+                    self._take(runner, done, bar)
+                    decode_s += time.perf_counter() - t0
+                    running = [s for s in running if s.finish_reason is None]
+                pending = launched
+                if stream and (seqs[0].finish_reason is not None or seqs[0].tokens):
                     yield seqs[0].text if seqs[0].finish_reason is not None else self._decode(seqs[0].tokens)
         finally:
             if bar is not None:
@@ -501,6 +504,43 @@ class Engine:
             yield GenerationOutput(text=seq.text, token_ids=seq.tokens, finish_reason=seq.finish_reason,
                                    lazy_layers=seq.lazy_layers, lazy_ratios=seq.ratios, stats=seq.stats,
                                    num_layers=self.num_layers, error=seq.error)
+
+    def _launch(self, runner, running: list[_Seq], pending: dict | None, params: SamplingParams,
+                generator) -> dict:
+        """Enqueue one decode step for ``running`` and the sampling of its tokens, without waiting.
+
+        Sequences that were in the ``pending`` step (not yet taken in on the host) feed its sampled
+        token straight from the device; the others feed their last host token."""
+        device = self.adapter.device
+        rows = {id(s): r for r, s in enumerate(pending["seqs"])} if pending is not None else {}
+        carried = [rows.get(id(s), -1) for s in running]
+        if pending is not None and carried == list(range(len(pending["seqs"]))):
+            toks, positions = pending["tokens"], pending["positions"] + 1  # the same batch as the last step
+        else:
+            positions = torch.tensor([len(s.prompt) + len(s.tokens) - 1 + (c >= 0) for s, c in zip(running, carried)],
+                                     device=device)
+            toks = torch.tensor([s.tokens[-1] if c < 0 else 0 for s, c in zip(running, carried)], device=device)
+            if any(c >= 0 for c in carried):
+                idx = torch.tensor([max(c, 0) for c in carried], device=device)
+                from_pending = torch.tensor([c >= 0 for c in carried], device=device)
+                toks = torch.where(from_pending, pending["tokens"].index_select(0, idx), toks)
+        logits = runner.decode([s.handle for s in running], toks, positions)
+        nxt = sample(logits, params, generator)
+        step = {"seqs": list(running), "tokens": nxt, "positions": positions,
+                "host": nxt.to("cpu", non_blocking=True), "event": None}
+        if device.type == "cuda":
+            step["event"] = torch.cuda.Event()
+            step["event"].record()
+        return step
+
+    def _take(self, runner, step: dict, bar) -> None:
+        """Take in a launched step's tokens on the host (waiting for that step only); a sequence that
+        finished at an earlier step was a spare row of this one and is skipped."""
+        if step["event"] is not None:
+            step["event"].synchronize()
+        for seq, tok in zip(step["seqs"], step["host"].tolist()):
+            if seq.finish_reason is None and not self._accept(seq, tok, seq.params):
+                self._finish(runner, seq, bar)
 
     def _prefill_groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
         """Split admitted prompts into prefill batches: longest first, each batch at most

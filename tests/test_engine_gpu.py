@@ -38,6 +38,28 @@ def test_fp32_engine_on_gpu_equals_reference_path(family):
             assert o.token_ids == r.token_ids, (runner, family)
 
 
+def test_overlapped_decode_on_gpu_equals_plain():
+    """The default on CUDA (step n + 1 launched before step n's tokens reach the host) against the
+    plain loop, fp32, CUDA graphs, a budget that makes prompts wait, per-request lengths, batched
+    prefill: the same tokens, and the pool is back to idle."""
+    gpu = tiny_model("qwen3", layers=6).cuda()
+    prompts = _prompts(5, (64, 64, 64, 64, 30, 90, 7, 150, 60, 33, 120, 10))
+    new = [11, 11, 30, 2, 5, 17, 9, 3, 12, 20, 1, 8]
+    outs = {}
+    for overlap in (False, True):
+        engine = Engine(gpu, _Ids(), lazy=LazyConfig(fraction=0.5, sink=2, window=14), kv_budget="256KiB",
+                        block_size=16)
+        engine.overlap = overlap
+        outs[overlap] = engine.generate(prompts, max_new_tokens=new)
+        assert engine.last_stats["runner"] == "paged"
+        assert engine.last_stats["pool_free_after"] == engine._kv_pool.num_blocks - 1
+        assert engine.last_stats["peak_kv_bytes"] <= 256 * 1024
+    assert max(o.stats.prefill_batch for o in outs[True]) > 1
+    for a, b in zip(outs[False], outs[True]):
+        assert b.token_ids == a.token_ids and len(b.token_ids) == len(a.token_ids)
+    assert [len(o.token_ids) for o in outs[True]] == new
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_bf16_fused_paged_decode_agrees_with_reference(family):
     """bf16, head dim 64: the paged runner (fused kernels, Triton paged attention, CUDA graphs) against
