@@ -13,8 +13,8 @@ One command measures the baseline and both engine modes in the same process, on 
   ltengine-full count and, if that does not fit its own memory, fewer (the count that ran is reported);
 - ``longest``: the longest single prompt each engine mode can prefill in ``--long-budget`` (arithmetic
   from the pool, then verified by prefilling it; the lazy mode must keep exactly its 50% lazy layers);
-- ``prefill``: ``--prefill-batch`` (32) prompts of ``--prefill-len`` (2048) tokens, 50% lazy, 1 new token
-  each: prefill time one prompt at a time (``max_prefill_tokens=1``) vs batched (the engine's default);
+- ``prefill``: ``--prefill-shapes`` (128 x 256 and 32 x 2048 tokens) prompts, 50% lazy, 1 new token each:
+  prefill time one prompt at a time (``max_prefill_tokens=1``) vs batched (the engine's default);
 - ``scoring``: prefill of one 32k prompt with ``LazyConfig(fraction=0.5)``, ``lazy=None`` and
   ``lazy=None, score_layers=False``: the share of prefill the lazy-ratio scoring adds.
 
@@ -608,34 +608,39 @@ class Bench:
             self.record(rec)
 
     def point_prefill(self) -> None:
-        """Many mid-length prompts: prefill one at a time vs batched (same engine mode, same prompts)."""
-        name, n, t = "prefill", self.args.prefill_batch, self.args.prefill_len or (128 if self.quick else 2048)
-        prompts = random_prompts(n, t, self.config.vocab_size, seed=23)
+        """Many short prompts: prefill one at a time vs batched (same engine mode, same prompts)."""
+        name = "prefill"
         if "max_prefill_tokens" not in engine_kwargs_supported():
             self.skipped(name, "lazy", "engine has no max_prefill_tokens= (no batched prefill)")
             return
-        for label, cap in (("one at a time", 1), ("batched", None)):
-            if self.out_of_time():
-                self.skipped(name, "lazy", "deadline passed", note=label)
-                continue
-            rec = dict(point=name, mode="lazy", batch=n, prompt_tokens=t, new_tokens=1, note=label,
-                       kv_budget=self.kv_budget)
-            engine = None
-            try:
-                engine = self.engine("lazy", self.kv_budget, **({"max_prefill_tokens": cap} if cap else {}))
-                engine.generate(prompts[:min(n, 8)], max_new_tokens=1, ignore_eos=True)  # warm-up
-                self._reset_peak()
-                outs = engine.generate(prompts, max_new_tokens=1, ignore_eos=True)
-                _sync(self.device)
-                rec.update(summarize(engine, outs))
-                rec.update(status="ok" if not rec["errors"] else "error", peak_gpu_bytes=self._peak(),
-                           prefill_tok_s=n * t / rec["prefill_s"] if rec.get("prefill_s") else None,
-                           prefill_batches=sorted({o.stats.prefill_batch for o in outs}))
-            except Exception as e:  # noqa: BLE001
-                rec.update(status="oom" if is_oom(e) else "error", error=_short(e))
-            del engine
-            free_memory()
-            self.record(rec)
+        for n, t in self.prefill_shapes():
+            prompts = random_prompts(n, t, self.config.vocab_size, seed=23)
+            for label, cap in (("one at a time", 1), ("batched", None)):
+                if self.out_of_time():
+                    self.skipped(name, "lazy", "deadline passed", note=label, batch=n, prompt_tokens=t)
+                    continue
+                rec = dict(point=name, mode="lazy", batch=n, prompt_tokens=t, new_tokens=1, note=label,
+                           kv_budget=self.kv_budget)
+                engine = None
+                try:
+                    engine = self.engine("lazy", self.kv_budget, **({"max_prefill_tokens": cap} if cap else {}))
+                    engine.generate(prompts, max_new_tokens=1, ignore_eos=True)  # warm-up at the timed shapes
+                    self._reset_peak()
+                    outs = engine.generate(prompts, max_new_tokens=1, ignore_eos=True)
+                    _sync(self.device)
+                    rec.update(summarize(engine, outs))
+                    rec.update(status="ok" if not rec["errors"] else "error", peak_gpu_bytes=self._peak(),
+                               prefill_tok_s=n * t / rec["prefill_s"] if rec.get("prefill_s") else None,
+                               prefill_batches=sorted({o.stats.prefill_batch for o in outs}))
+                except Exception as e:  # noqa: BLE001
+                    rec.update(status="oom" if is_oom(e) else "error", error=_short(e))
+                del engine
+                free_memory()
+                self.record(rec)
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        spec = self.args.prefill_shapes or ("16x32,4x128" if self.quick else "128x256,32x2048")
+        return [tuple(int(x) for x in shape.split("x")) for shape in spec.split(",")]
 
     # -------------------------------------------------------------------------------- targets
     def targets(self) -> list[dict]:
@@ -685,11 +690,15 @@ class Bench:
                   f"({_fmt(100 * (on - off) / off if on else None, '+.1f')}%); LazyConfig(fraction={self.lazy.fraction}) "
                   f"{_fmt(lazy_s, '.3f')} s ({_fmt(100 * (lazy_s - off) / off if lazy_s else None, '+.1f')}%, "
                   f"scoring + truncation)")
-        one = _first(self.records, "prefill", "lazy", "prefill_s", "one at a time")
-        many = _first(self.records, "prefill", "lazy", "prefill_s", "batched")
-        if one and many:
-            print(f"\nprefill of {self.args.prefill_batch} x {self.args.prefill_len or (128 if self.quick else 2048)} "
-                  f"tokens: one at a time {one:.3f} s, batched {many:.3f} s ({one / many:.2f}x)")
+        if any(r["point"] == "prefill" for r in self.records):
+            print()
+        for n, t in self.prefill_shapes():
+            one, many = (next((r["prefill_s"] for r in self.records if r["point"] == "prefill" and r.get("status") == "ok"
+                               and r["batch"] == n and r["prompt_tokens"] == t and r["note"] == note), None)
+                         for note in ("one at a time", "batched"))
+            if one and many:
+                print(f"prefill of {n} x {t} tokens: one at a time {one:.3f} s, batched {many:.3f} s "
+                      f"({one / many:.2f}x, {n * t / many:.0f} tok/s)")
         targets = self.targets()
         print("\ntargets:")
         for t in targets:
@@ -806,8 +815,8 @@ def parse_args(argv=None):
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, help="default 1020 (quick 60)")
     p.add_argument("--scoring-reps", type=int, help="timed prefills per scoring variant, min kept (default 2; quick 3)")
-    p.add_argument("--prefill-batch", type=int, default=32, help="prompts of the prefill point (default 32)")
-    p.add_argument("--prefill-len", type=int, help="their length (default 2048; quick 128)")
+    p.add_argument("--prefill-shapes", help="prompts x tokens of the prefill point (default 128x256,32x2048; "
+                   "quick 16x32,4x128)")
     p.add_argument("--deadline-s", type=float, default=500, help="skip runs that would start after this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: quick 1, for steady timings; else torch's)")
