@@ -101,6 +101,104 @@ if triton is not None:
         tl.store(OUT + b * s_outb + hq * s_outh + d, out.to(OUT.dtype.element_ty), mask=dmask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _chunk_plan(NVALID, B, TPH: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BP: tl.constexpr):
+        """The balanced schedule, recomputed by every program from the lengths alone: one chunk size
+        for the whole batch (total keys over the target programs per head, at least MIN_CHUNK, a
+        multiple of BLOCK_N); row r takes ``cdiv(n_r, per)`` chunks, numbered in row order."""
+        r = tl.arange(0, BP)
+        ns = tl.load(NVALID + r, mask=r < B, other=0)
+        per = tl.maximum(tl.cdiv(tl.sum(ns, 0), TPH), MIN_CHUNK)
+        per = tl.cdiv(per, BLOCK_N) * BLOCK_N
+        ch = tl.cdiv(ns, per)
+        cum = tl.cumsum(ch, 0)  # inclusive: row r's chunks are [cum_r - ch_r, cum_r)
+        return r, ns, per, ch, cum
+
+    @triton.jit
+    def _paged_chunk_kernel(Q, K, V, TABLES, NVALID, PO, PM, PL, B,
+                            s_qb, s_qh, s_kb, s_kt, s_kh, s_tb, s_oh, s_oc, s_mh,
+                            scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                            BS: tl.constexpr, BLOCK_N: tl.constexpr, TPH: tl.constexpr, MIN_CHUNK: tl.constexpr,
+                            BP: tl.constexpr, IEEE: tl.constexpr):
+        h = tl.program_id(0)
+        c = tl.program_id(1)  # a chunk number; past the batch's chunk count the program has nothing to do
+        r, ns, per, ch, cum = _chunk_plan(NVALID, B, TPH, MIN_CHUNK, BLOCK_N, BP)
+        live = c < tl.sum(ch, 0)
+        b = tl.sum((cum <= c).to(tl.int32), 0)  # the row whose chunks contain c (B when none does)
+        mine = r == b
+        n = tl.sum(tl.where(mine, ns, 0), 0)
+        lo = (c - tl.sum(tl.where(mine, cum - ch, 0), 0)) * per
+        hi = tl.minimum(lo + per, n)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, DP)
+        gmask = g < G
+        dmask = d < D
+        q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :],
+                    mask=(gmask[:, None] & dmask[None, :]) & live, other=0.0)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            t = start + tl.arange(0, BLOCK_N)
+            tmask = t < hi
+            blk = tl.load(TABLES + b * s_tb + t // BS, mask=tmask, other=0).to(tl.int64)
+            off = blk * s_kb + (t % BS) * s_kt + h * s_kh
+            k = tl.load(K + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            v = tl.load(V + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                qk = tl.dot(q, tl.trans(k)) * scale
+            qk = tl.where(tmask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        rows = (h * G + g) * s_oh + c * s_oc
+        tl.store(PO + rows[:, None] + d[None, :], acc, mask=(gmask[:, None] & dmask[None, :]) & live)
+        mrow = (h * G + g) * s_mh + c
+        tl.store(PM + mrow, m_i, mask=gmask & live)
+        tl.store(PL + mrow, l_i, mask=gmask & live)
+
+    @triton.jit
+    def _combine_chunks_kernel(NVALID, PO, PM, PL, OUT, B, s_oh, s_oc, s_mh, s_outb, s_outh,
+                               TPH: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BP: tl.constexpr,
+                               D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr):
+        b = tl.program_id(0)
+        hq = tl.program_id(1)
+        r, ns, per, ch, cum = _chunk_plan(NVALID, B, TPH, MIN_CHUNK, BLOCK_N, BP)
+        mine = r == b
+        count = tl.sum(tl.where(mine, ch, 0), 0)
+        first = tl.sum(tl.where(mine, cum - ch, 0), 0)
+        d = tl.arange(0, DP)
+        dmask = d < D
+        big = tl.full([1], float("-inf"), tl.float32)
+        den = tl.zeros([1], tl.float32)
+        acc = tl.zeros([DP], tl.float32)
+        for at in range(0, count, SP):  # online over the row's chunks, SP at a time
+            s = at + tl.arange(0, SP)
+            smask = s < count
+            m = tl.load(PM + hq * s_mh + first + s, mask=smask, other=float("-inf"))
+            l = tl.load(PL + hq * s_mh + first + s, mask=smask, other=0.0)
+            o = tl.load(PO + hq * s_oh + (first + s)[:, None] * s_oc + d[None, :],
+                        mask=smask[:, None] & dmask[None, :], other=0.0)
+            new = tl.maximum(big, tl.max(m, 0))
+            keep = tl.where(big > float("-inf"), tl.exp(big - new), 0.0)
+            w = tl.where(m > float("-inf"), tl.exp(m - new), 0.0)
+            acc = acc * keep + tl.sum(w[:, None] * o, 0)
+            den = den * keep + tl.sum(w * l, 0)
+            big = new
+        out = acc / den
+        tl.store(OUT + b * s_outb + hq * s_outh + d, out.to(OUT.dtype.element_ty), mask=dmask)
+
+
 def triton_supports(dtype: torch.dtype, head_dim: int) -> bool:
     """bf16/fp16 (fp32 accumulation) and fp32 (IEEE dots); any head dim up to 256 (padded to a power of 2)."""
     return triton is not None and dtype in (torch.float16, torch.bfloat16, torch.float32) and 8 <= head_dim <= 256
@@ -110,7 +208,7 @@ def num_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: int = 64
     """Key-axis splits so that about sixteen programs per SM run at a full bucket, without splits shorter
     than a tile. Fewer (four per SM) cost up to 7% of bandwidth when a bucket is part padding or the
     blocks are scattered by truncation (bench/RESULTS.md, split sweep); more only add merge traffic."""
-    want = max(1, -(-16 * sms // (batch * num_kv_heads)))
+    want = max(1, -(-PROGRAMS_PER_SM * sms // (batch * num_kv_heads)))
     return max(1, min(want, -(-max_tokens // block_n), 64))
 
 
@@ -119,31 +217,68 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, splits: int | None = None,
-                        block_n: int | None = None, num_warps: int = 4, num_stages: int = 2):
+PROGRAMS_PER_SM = 16  # the split kernels aim at this many programs per SM (bench/RESULTS.md, split sweeps)
+MIN_CHUNK = 128  # fewest keys one balanced chunk takes (shorter ones cost more in merging than they gain)
+
+
+def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, schedule: str = "balanced",
+                        splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                        num_stages: int = 2, programs: int | None = None, min_chunk: int | None = None):
     """Split-K (flash-decoding) paged decode; fp32 accumulation. Same contract as ``paged_decode_ref``.
-    ``splits``/``block_n``/``num_warps``/``num_stages``: tuning knobs (defaults from bench/RESULTS.md)."""
+
+    ``schedule="balanced"`` (default): the keys of the whole batch are cut into chunks of one size
+    (total keys / ``programs`` per KV head, at least ``min_chunk``), so a row gets chunks in
+    proportion to its length and every program reads about the same; the sizes are worked out on the
+    device from ``n_valid``, so the launch is fixed for a CUDA graph while lengths change. This keeps
+    the GPU evenly loaded when full-length rows and sink + window rows share a layer (a lazy batch).
+    ``schedule="rows"``: each row in ``splits`` equal parts (the earlier kernel, kept for comparison).
+    ``splits``/``block_n``/``num_warps``/``num_stages``/``programs``/``min_chunk``: tuning knobs.
+    """
     b, h_q, d = q.shape
     bs, h_kv = k_pool.shape[1], k_pool.shape[2]
     g = h_q // h_kv
+    q = q.contiguous()
+    block_n = min(block_n or 64, bs)
+    out = torch.empty_like(q)
+    dp, gp = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(g))
+    sms = _sm_count(q.device.index or 0) if q.is_cuda else 132
+    if schedule == "balanced" and splits is not None:
+        raise ValueError("splits= applies to schedule='rows'; the balanced schedule takes programs= and min_chunk=")
+    if schedule == "balanced":
+        tph = max(1, -(-(programs or PROGRAMS_PER_SM * sms) // h_kv))  # target programs per KV head
+        min_chunk = -(-(min_chunk or MIN_CHUNK) // block_n) * block_n
+        n_chunks = tph + b  # sum over rows of cdiv(n, per) <= total / per + b <= tph + b
+        part_o = torch.empty((h_q, n_chunks, d), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((h_q, n_chunks), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        bp = max(16, triton.next_power_of_2(b))
+        _paged_chunk_kernel[(h_kv, n_chunks)](
+            q, k_pool, v_pool, block_tables, n_valid, part_o, part_m, part_l, b,
+            q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
+            part_o.stride(0), part_o.stride(1), part_m.stride(0),
+            scale, G=g, GP=gp, D=d, DP=dp, BS=bs, BLOCK_N=block_n, TPH=tph, MIN_CHUNK=min_chunk, BP=bp,
+            IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+        _combine_chunks_kernel[(b, h_q)](
+            n_valid, part_o, part_m, part_l, out, b, part_o.stride(0), part_o.stride(1), part_m.stride(0),
+            out.stride(0), out.stride(1), TPH=tph, MIN_CHUNK=min_chunk, BLOCK_N=block_n, BP=bp, D=d, DP=dp,
+            SP=32, num_warps=4)
+        return out
+    if schedule != "rows":
+        raise ValueError(f"schedule must be 'balanced' or 'rows', got {schedule!r}")
     if splits is None:
-        splits = num_splits(b, h_kv, block_tables.shape[1] * bs, sms=_sm_count(q.device.index or 0))
+        splits = num_splits(b, h_kv, block_tables.shape[1] * bs, sms=sms)
     part_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
     part_m = torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
-    q = q.contiguous()
-    block_n = min(block_n or 64, bs)
     _paged_split_kernel[(b, h_kv, splits)](
         q, k_pool, v_pool, block_tables, n_valid, part_o, part_m, part_l,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_m.stride(0), part_m.stride(1),
-        scale, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, DP=max(16, triton.next_power_of_2(d)), BS=bs,
-        BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
-    out = torch.empty_like(q)
+        scale, G=g, GP=gp, D=d, DP=dp, BS=bs, BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages)
     _combine_kernel[(b, h_q)](part_o, part_m, part_l, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),
                               part_m.stride(0), part_m.stride(1), out.stride(0), out.stride(1),
-                              D=d, DP=max(16, triton.next_power_of_2(d)), SPLITS=splits,
-                              SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
+                              D=d, DP=dp, SPLITS=splits, SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
 
 
