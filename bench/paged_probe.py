@@ -144,7 +144,8 @@ def schedule_sweep(bw):
         sp = num_splits(bucket, 8, (width or -(-t // 64)) * 64)
         for _ in range(2):
             rows = graph_point(b, t, bucket, width, sp, short=short)
-            res = [(f"{per}/SM", graph_point(b, t, bucket, width, short=short, programs=per * 132)) for per in (8, 16, 32)]
+            res = [("default", graph_point(b, t, bucket, width, short=short)),
+                   ("8/SM", graph_point(b, t, bucket, width, short=short, programs=8 * 132))]
             print(f"{name:38s} rows ({sp:2d} splits) {100 * rows / bw:5.1f}%   balanced " +
                   "  ".join(f"{k}: {100 * g / bw:5.1f}%" for k, g in res), flush=True)
 

@@ -93,7 +93,7 @@ def test_paged_decode_in_a_cuda_graph():
 def test_paged_decode_schedules(schedule, knobs):
     """Both split schedules and their knobs on rows of very different lengths (a lazy batch mixes
     full-length and sink + window rows), a padded row with no keys, bf16 and fp32. The balanced one
-    with many programs gives some rows over a hundred chunks (the combine's multi-tile path)."""
+    with many programs gives the long rows 64 chunks (the combine's multi-tile path)."""
     lengths = [1, 63, 64, 65, 1024, 1500, 4099, 9000, 0, 33]
     for dtype in (torch.bfloat16, torch.float32):
         q, k, v, tables, n = _case(len(knobs) + 7, len(lengths), 2, 4, 128, 64, lengths, dtype)

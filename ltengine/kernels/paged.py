@@ -102,15 +102,19 @@ if triton is not None:
 
 
 if triton is not None:
+    # a single long row still gets at most this many chunks: one sequence of 32k keys ran at 68% of
+    # copy bandwidth in 258 chunks of 128 keys and at 80% in 64 of 516 (bench/RESULTS.md)
+    ROW_CHUNKS = tl.constexpr(64)
 
     @triton.jit
     def _chunk_plan(NVALID, B, TPH: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BP: tl.constexpr):
         """The balanced schedule, recomputed by every program from the lengths alone: one chunk size
-        for the whole batch (total keys over the target programs per head, at least MIN_CHUNK, a
-        multiple of BLOCK_N); row r takes ``cdiv(n_r, per)`` chunks, numbered in row order."""
+        for the whole batch (total keys over the target programs per head; at least MIN_CHUNK, and
+        no row in more than ROW_CHUNKS chunks; a multiple of BLOCK_N); row r takes ``cdiv(n_r, per)``
+        chunks, numbered in row order."""
         r = tl.arange(0, BP)
         ns = tl.load(NVALID + r, mask=r < B, other=0)
-        per = tl.maximum(tl.cdiv(tl.sum(ns, 0), TPH), MIN_CHUNK)
+        per = tl.maximum(tl.maximum(tl.cdiv(tl.sum(ns, 0), TPH), MIN_CHUNK), tl.cdiv(tl.max(ns, 0), ROW_CHUNKS))
         per = tl.cdiv(per, BLOCK_N) * BLOCK_N
         ch = tl.cdiv(ns, per)
         cum = tl.cumsum(ch, 0)  # inclusive: row r's chunks are [cum_r - ch_r, cum_r)
@@ -218,7 +222,7 @@ def _sm_count(index: int) -> int:
 
 
 PROGRAMS_PER_SM = 16  # the split kernels aim at this many programs per SM (bench/RESULTS.md, split sweeps)
-MIN_CHUNK = 128  # fewest keys one balanced chunk takes (shorter ones cost more in merging than they gain)
+MIN_CHUNK = 256  # fewest keys one balanced chunk takes (shorter ones cost more in merging than they gain)
 
 
 def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, schedule: str = "balanced",
