@@ -222,7 +222,7 @@ def _sm_count(index: int) -> int:
 
 
 PROGRAMS_PER_SM = 16  # the split kernels aim at this many programs per SM (bench/RESULTS.md, split sweeps)
-MIN_CHUNK = 256  # fewest keys one balanced chunk takes (shorter ones cost more in merging than they gain)
+MIN_CHUNK = 128  # fewest keys one balanced chunk takes (shorter ones cost more in merging than they gain)
 
 
 def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, schedule: str = "balanced",
