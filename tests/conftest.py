@@ -54,6 +54,19 @@ def family_model(request):
     return request.param, tiny_model(request.param)
 
 
+class SpacedIds:
+    """Detokenizes ids as space-separated numbers (stop strings and texts stay checkable)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def random_prompts(seed: int, lengths) -> list[list[int]]:
+    """Token-id prompts of the given lengths for the tiny models' 256-token vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
 @pytest.fixture
 def char_tokenizer():
     return CharTokenizer()

@@ -4,20 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, SpacedIds as _Ids, random_prompts as _prompts, tiny_model
 from ltengine import Engine, LazyConfig
 from ltengine.kernels.paged import paged_decode_ref
 from ltengine.kernels.reference import decode_full_ref
-
-
-class _Ids:
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
-def _prompts(seed: int, lengths) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -5,21 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, SpacedIds as _Ids, random_prompts as _prompts, tiny_model
 from ltengine import Engine, LazyConfig
 from ltengine.engine import _Seq
 from ltengine.lazy import make_policy
 from ltengine.runner import ReferenceRunner
-
-
-class _Ids:
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
-def _prompts(seed: int, lengths) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
 
 
 LAZY = LazyConfig(fraction=0.5, sink=3, window=13, probe=16)

@@ -35,6 +35,37 @@ def paged_decode_ref(q, k_pool, v_pool, block_tables, n_valid, scale):
 if triton is not None:
 
     @triton.jit
+    def _attend_keys(q, K, V, TABLE, head_off, lo, hi, s_kb, s_kt, scale, d, dmask, GP: tl.constexpr,
+                     DP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        """Online softmax of the query rows ``q [GP, DP]`` over one row's keys ``[lo, hi)`` (slot t in
+        block ``TABLE[t // BS]``), BLOCK_N keys at a time: returns (max, sum of exp, weighted values)."""
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            t = start + tl.arange(0, BLOCK_N)
+            tmask = t < hi
+            blk = tl.load(TABLE + t // BS, mask=tmask, other=0).to(tl.int64)
+            off = blk * s_kb + (t % BS) * s_kt + head_off
+            k = tl.load(K + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            v = tl.load(V + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            if IEEE:  # fp32 caches: exact fp32 dots, not TF32
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                qk = tl.dot(q, tl.trans(k)) * scale
+            qk = tl.where(tmask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
     def _paged_split_kernel(Q, K, V, TABLES, NVALID, PO, PM, PL,
                             s_qb, s_qh, s_kb, s_kt, s_kh, s_tb, s_ob, s_oh, s_os, s_mb, s_mh,
                             scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
@@ -52,30 +83,8 @@ if triton is not None:
         dmask = d < D
         q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=gmask[:, None] & dmask[None, :],
                     other=0.0)
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, DP], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            t = start + tl.arange(0, BLOCK_N)
-            tmask = t < hi
-            blk = tl.load(TABLES + b * s_tb + t // BS, mask=tmask, other=0).to(tl.int64)
-            off = blk * s_kb + (t % BS) * s_kt + h * s_kh
-            k = tl.load(K + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
-            v = tl.load(V + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
-            if IEEE:  # fp32 caches: exact fp32 dots, not TF32
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                qk = tl.dot(q, tl.trans(k)) * scale
-            qk = tl.where(tmask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        m_i, l_i, acc = _attend_keys(q, K, V, TABLES + b * s_tb, h * s_kh, lo, hi, s_kb, s_kt, scale, d, dmask,
+                                     GP, DP, BS, BLOCK_N, IEEE)
         rows = b * s_ob + (h * G + g) * s_oh + s * s_os
         tl.store(PO + rows[:, None] + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
         mrow = b * s_mb + (h * G + g) * s_mh + s
@@ -141,30 +150,8 @@ if triton is not None:
         dmask = d < D
         q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :],
                     mask=(gmask[:, None] & dmask[None, :]) & live, other=0.0)
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, DP], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            t = start + tl.arange(0, BLOCK_N)
-            tmask = t < hi
-            blk = tl.load(TABLES + b * s_tb + t // BS, mask=tmask, other=0).to(tl.int64)
-            off = blk * s_kb + (t % BS) * s_kt + h * s_kh
-            k = tl.load(K + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
-            v = tl.load(V + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                qk = tl.dot(q, tl.trans(k)) * scale
-            qk = tl.where(tmask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        m_i, l_i, acc = _attend_keys(q, K, V, TABLES + b * s_tb, h * s_kh, lo, hi, s_kb, s_kt, scale, d, dmask,
+                                     GP, DP, BS, BLOCK_N, IEEE)
         rows = (h * G + g) * s_oh + c * s_oc
         tl.store(PO + rows[:, None] + d[None, :], acc, mask=(gmask[:, None] & dmask[None, :]) & live)
         mrow = (h * G + g) * s_mh + c
