@@ -66,7 +66,8 @@ class _LayerKV:
         """Write the next token's ``[H_kv, D]`` key and value into its slot."""
         s = self.slot(self.length)
         if s >= self.capacity:
-            raise RuntimeError(f"KV cache holds {self.capacity} slots, token {self.length} needs slot {s}; reserve() first")
+            raise RuntimeError(f"KV cache holds {self.capacity} slots, token {self.length} needs slot {s}: more tokens "
+                               "than the prompt + max_new_tokens it was allocated for")
         self.k[s] = k
         self.v[s] = v
         self.length += 1
@@ -136,6 +137,11 @@ def truncated(k: torch.Tensor, v: torch.Tensor, length: int, sink: int, window: 
 
 def demote(full: FullKV, sink: int, window: int, truncate_kv_) -> SinkWindowKV:
     """Truncate a stored full layer to sink + window in place, and free the rest."""
+    if full.capacity <= sink + window:  # already in ring layout (slot p = p): nothing to move or free
+        full.meter.sub(full.nbytes)
+        lazy = SinkWindowKV(full.k, full.v, full.length, sink, window, full.meter)
+        full.k = full.v = None  # type: ignore[assignment]
+        return lazy
     lazy = truncated(full.k, full.v, full.length, sink, window, truncate_kv_, full.meter, full.capacity)
     full.release()  # counted after the copy: both buffers exist for a moment
     return lazy

@@ -36,10 +36,12 @@ class GenerationStats:
     peak_kv_bytes: int = 0  # most KV held at once during the call (all its sequences)
     peak_cuda_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated over the call
     prefill_batch: int = 1  # prompts prefilled together with this one (prefill_s is that batch's time)
+    prefill_batch_tokens: int = 0  # their prompt tokens, this one's included
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        """Prompt tokens per second of this prompt's prefill batch."""
+        return (self.prefill_batch_tokens or self.prompt_tokens) / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -72,7 +74,8 @@ class GenerationOutput:
         s = self.stats
         return (f"lazy layers {len(self.lazy_layers)}/{self.num_layers} {self.lazy_layers} | "
                 f"KV after prefill {format_bytes(s.kv_bytes_after_prefill)} vs {format_bytes(s.full_kv_bytes)} full "
-                f"({100 * s.kv_saved:.0f}% saved) | prompt {s.prompt_tokens} tok, prefill {s.prefill_s:.2f} s, "
+                f"({100 * s.kv_saved:.0f}% saved) | prompt {s.prompt_tokens} tok, prefill {s.prefill_s:.2f} s"
+                f"{f' (batch of {s.prefill_batch})' if s.prefill_batch > 1 else ''}, "
                 f"decode {s.new_tokens} tok at {s.decode_tokens_per_s:.1f} tok/s")
 
 
@@ -175,7 +178,7 @@ class Engine:
     def from_pretrained(cls, name: str | os.PathLike | None = None, lazy: LazyConfig | None | str = "default",
                         kv_budget: int | str | None = None, dtype=None, device=None, **kwargs) -> "Engine":
         """Load a model by path or hub id; ``None`` = the embedded SmolLM2-135M-Instruct (no download).
-        ``kwargs`` go to ``Engine`` (backend, runner, block_size, score_layers, progress)."""
+        ``kwargs`` go to ``Engine`` (backend, runner, block_size, score_layers, progress, max_prefill_tokens)."""
         model, tokenizer = load_model(name, dtype=dtype, device=device)
         if isinstance(lazy, str) and lazy == "default":
             lazy = DEFAULT_MODEL_LAZY if name is None else LazyConfig()
@@ -450,6 +453,7 @@ class Engine:
                     dt = time.perf_counter() - t0
                     for seq in group:
                         seq.stats.prefill_s, seq.stats.prefill_batch = dt, len(group)
+                        seq.stats.prefill_batch_tokens = sum(len(s.prompt) for s in group)
                     prefill_s += dt
                 if admitted:
                     first = sample(torch.stack([s.first_logits for s in admitted]), params, generator).tolist()
@@ -528,9 +532,9 @@ class Engine:
         nxt = sample(logits, params, generator)
         step = {"seqs": list(running), "tokens": nxt, "positions": positions,
                 "host": nxt.to("cpu", non_blocking=True), "event": None}
-        if device.type == "cuda":
+        if device.type == "cuda":  # after the copy on the model's device's stream (not the current device's)
             step["event"] = torch.cuda.Event()
-            step["event"].record()
+            step["event"].record(torch.cuda.current_stream(device))
         return step
 
     def _take(self, runner, step: dict, bar) -> None:

@@ -133,12 +133,12 @@ class PagedRunner:
         try:
             h, ratios = layer_major(self.adapter, [job(*p, seq) for p, seq in zip(prompts, seqs)], sink, window,
                                     probe, score, progress, self.backend.lazy_ratio)
-        except BaseException:
+            logits = self.adapter.logits(h)
+        except BaseException:  # (an out-of-memory error included): the blocks go back, the pool stays whole
             for seq in seqs:
                 self.release(seq)
             raise
         self._batch = None
-        logits = self.adapter.logits(h)
         return [PrefillResult(logits[n], ratios[n], [i for i, z in enumerate(seq.lazy) if z],
                               sum(len(b) for b in seq.blocks) * pool.bytes_per_block, seq)
                 for n, seq in enumerate(seqs)]

@@ -122,11 +122,13 @@ class ReferenceRunner:
 
     def footprint(self, prompt_len: int, max_new: int, n_full: int) -> int:
         """Worst-case bytes: full layers at prompt + new tokens, lazy ones at sink + window, and one
-        more sink + window buffer while a demotion copies the kept tokens out of a full layer."""
+        more sink + window buffer while a demotion copies the kept tokens out of a stored full layer
+        (only when some layers are stored full first and a full layer is larger than the ring)."""
         total = prompt_len + max_new
         lazy = self.adapter.shape.num_layers - n_full
         ring = min(total, self.sink + self.window)
-        return self.per_token_layer * (n_full * total + lazy * ring + (ring if lazy else 0))
+        demotes = 0 < n_full and lazy > 0 and total > ring
+        return self.per_token_layer * (n_full * total + lazy * ring + (ring if demotes else 0))
 
     @property
     def free(self) -> int | None:
@@ -165,12 +167,11 @@ class ReferenceRunner:
         try:
             h, ratios = layer_major(self.adapter, [job(*p, c) for p, c in zip(prompts, caches)],
                                     sink, window, probe, score, progress, self.backend.lazy_ratio)
-        except BaseException:
+            logits = self.adapter.logits(h)
+        except BaseException:  # (an out-of-memory error included): the caches go back, the engine stays usable
             for cache in caches:
                 cache.release()
             raise
-        logits = self.adapter.logits(h)
-        results = []
         # KV bytes of the prompt's kept tokens (the buffers also hold room for the decode tokens)
         held = [sum(c.nbytes // c.capacity * min(c.length, c.capacity) for c in cache.layers) for cache in caches]
         return [PrefillResult(logits[n], ratios[n], cache.lazy_layers, held[n], cache)

@@ -213,3 +213,21 @@ def test_half_precision_on_cpu(dtype, runner):
         hf = model(torch.tensor([ids])).logits[0, -1].float()
     ours = _first_logits(engine, ids)
     assert ((ours - hf).norm() / hf.norm()) < 3e-2
+
+
+def test_reference_budget_for_all_lazy_and_short_prompts_is_exact():
+    """The reference runner's footprint adds the demotion copy only when a stored full layer is
+    demoted and is larger than the ring: an all-lazy prompt fits exactly 8 rings, and a prompt no
+    longer than sink + window fits exactly its tokens in every layer (its demotion moves nothing)."""
+    model = tiny_model("llama", layers=8)
+    per = 2 * 2 * 16 * 4
+    sink, window = 4, 28
+    for t, n_new, budget, lazy_layers in ((300, 4, per * 8 * (sink + window), 8), (20, 4, per * 8 * 24, None)):
+        engine = Engine(model, _IdsTokenizer(), lazy=LazyConfig(fraction=0.5, sink=sink, window=window),
+                        kv_budget=budget, runner="reference")
+        out = engine.generate([i % 256 for i in range(t)], max_new_tokens=n_new)
+        assert out.finish_reason == "length" and out.stats.peak_kv_bytes <= budget
+        if lazy_layers is not None:
+            assert len(out.lazy_layers) == lazy_layers
+        else:
+            assert len(out.lazy_layers) == 4 and out.stats.peak_kv_bytes == budget

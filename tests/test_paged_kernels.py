@@ -110,3 +110,7 @@ def test_unknown_schedule_is_refused():
     q, k, v, tables, n = _case(0, 2, 2, 4, 64, 16, [5, 9], torch.bfloat16)
     with pytest.raises(ValueError, match="schedule must be 'balanced' or 'rows'"):
         paged_decode_triton(q, k, v, tables, n, 0.1, schedule="even")
+    with pytest.raises(ValueError, match="splits= applies to schedule='rows'"):
+        paged_decode_triton(q, k, v, tables, n, 0.1, splits=3)
+    with pytest.raises(ValueError, match="apply to schedule='balanced'"):
+        paged_decode_triton(q, k, v, tables, n, 0.1, schedule="rows", programs=8)

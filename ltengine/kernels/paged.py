@@ -235,6 +235,8 @@ def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, schedul
     sms = _sm_count(q.device.index or 0) if q.is_cuda else 132
     if schedule == "balanced" and splits is not None:
         raise ValueError("splits= applies to schedule='rows'; the balanced schedule takes programs= and min_chunk=")
+    if schedule == "rows" and (programs is not None or min_chunk is not None):
+        raise ValueError("programs= and min_chunk= apply to schedule='balanced'; the rows schedule takes splits=")
     if schedule == "balanced":
         tph = max(1, -(-(programs or PROGRAMS_PER_SM * sms) // h_kv))  # target programs per KV head
         min_chunk = -(-(min_chunk or MIN_CHUNK) // block_n) * block_n
