@@ -18,7 +18,7 @@ from .kernels.paged import pick_paged_decode
 from .lazy import LayerPolicy
 from .models import DecoderAdapter
 from .pool import KVPool
-from .runner import PrefillJob, PrefillResult, layer_major
+from .runner import PrefillJob, PrefillResult, Runner, layer_major
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -31,7 +31,7 @@ class PagedSeq:
     lazy: list[bool] = field(default_factory=list)
 
 
-class PagedRunner:
+class PagedRunner(Runner):
     """Budget units are pool blocks."""
 
     name = "paged"
@@ -75,10 +75,6 @@ class PagedRunner:
         bs = self.pool.block_size
         table = torch.tensor(blocks, dtype=torch.long, device=slots.device)
         return table[slots // bs] * bs + slots % bs
-
-    def prefill(self, ids: torch.Tensor, policy: LayerPolicy, probe: int, max_new: int, score: bool = True,
-                progress=None) -> PrefillResult:
-        return self.prefill_batch([(ids, policy, max_new)], probe, score, progress)[0]
 
     @torch.inference_mode()
     def prefill_batch(self, prompts: Sequence[tuple[torch.Tensor, LayerPolicy, int]], probe: int, score: bool = True,

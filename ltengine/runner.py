@@ -105,7 +105,16 @@ def layer_major(adapter: DecoderAdapter, jobs: Sequence[PrefillJob], sink: int, 
     return h[torch.arange(b, device=dev), last], ratios if score else [[] for _ in jobs]
 
 
-class ReferenceRunner:
+class Runner:
+    """The interface the engine's scheduler sees; subclasses implement ``prefill_batch``."""
+
+    def prefill(self, ids: torch.Tensor, policy: LayerPolicy, probe: int, max_new: int, score: bool = True,
+                progress=None) -> PrefillResult:
+        """One prompt: a ``prefill_batch`` of one."""
+        return self.prefill_batch([(ids, policy, max_new)], probe, score, progress)[0]
+
+
+class ReferenceRunner(Runner):
     """Contiguous per-sequence caches (cache.py); decode loops over sequences per layer.
 
     Budget units are bytes; ``capacity`` None means unbounded.
@@ -137,10 +146,6 @@ class ReferenceRunner:
     @property
     def kv_bytes(self) -> int:
         return self.meter.current
-
-    def prefill(self, ids: torch.Tensor, policy: LayerPolicy, probe: int, max_new: int, score: bool = True,
-                progress=None) -> PrefillResult:
-        return self.prefill_batch([(ids, policy, max_new)], probe, score, progress)[0]
 
     @torch.inference_mode()
     def prefill_batch(self, prompts: Sequence[tuple[torch.Tensor, LayerPolicy, int]], probe: int, score: bool = True,
