@@ -170,5 +170,6 @@ class SequenceKV:
 
     def release(self) -> None:
         for c in self.layers:
-            c.release()
+            if c is not None:  # a prefill that failed part-way has not stored every layer
+                c.release()
         self.layers = []

@@ -90,3 +90,30 @@ def test_batched_prefill_stays_within_a_budget():
 def test_bad_max_prefill_tokens(bad):
     with pytest.raises(ValueError, match="max_prefill_tokens must be a positive integer"):
         Engine(tiny_model("llama", layers=2), _Ids(), max_prefill_tokens=bad)
+
+
+@pytest.mark.parametrize("runner", ["paged", "reference"])
+def test_failed_batch_prefill_gives_back_all_kv(runner):
+    """A prefill that fails part-way (here a policy raising at layer 2 of one prompt) re-raises that
+    error and hands back every prompt's KV, so the engine's runner can be used again."""
+    model = tiny_model("llama", layers=4)
+    engine = Engine(model, _Ids(), lazy=LAZY, runner=runner, block_size=8, kv_budget="1MiB")
+    prompts = _prompts(2, (40, 37, 39))
+    engine.generate(prompts, max_new_tokens=2)  # builds the runner (and its pool)
+    run = next(iter(engine._runners.values()))
+    free = run.free
+
+    class Boom(RuntimeError):
+        pass
+
+    def policies():
+        out = [make_policy(LAZY, 4, 2) for _ in prompts]
+        observe = out[1].observe
+        out[1].observe = lambda i, r: (_ for _ in ()).throw(Boom("layer 2")) if i == 2 else observe(i, r)
+        return out
+
+    with pytest.raises(Boom, match="layer 2"):
+        run.prefill_batch([(torch.tensor(p), pol, 2) for p, pol in zip(prompts, policies())], LAZY.probe)
+    assert run.free == free and run.kv_bytes == 0
+    outs = engine.generate(prompts, max_new_tokens=2)
+    assert all(o.finish_reason == "length" for o in outs)
