@@ -4,7 +4,12 @@ Ops (shapes token-major, ``[B, T, H_kv, D]`` caches, ``[B, H_q, D]`` queries):
   decode_full(q, k, v, lengths, scale)                       -> [B, H_q, D]
   decode_sink_window(q, k, v, lengths, sink, window, scale)  -> [B, H_q, D]
   truncate_kv_(k, v, lengths, sink, window)                  -> new lengths (in place on k, v)
-  lazy_ratio(q, k, sink, window, scale)                      -> float (prefill scoring; q [H_q, P, D], k [H_kv, T, D])
+  score_ratio(q, k, sink, window, scale)                     -> float (prefill scoring, the paper's lazy ratio;
+                                                                q [H_q, P, D] last P queries, k [H_kv, T, D])
+  score_peak(q, k, sink, window, scale)                      -> float (1 - best head's mass on its 8 top distant keys)
+  paged_decode(q, k_pool, v_pool, tables, n_valid, scale)    -> [B, H_q, D] (pool [NB, BS, H_kv, D], tables [B, MB])
+  paged_truncate_(k_pool, v_pool, tables, lengths, sink, window) -> None (in place: each row's kept tokens into
+                                                                their ring slots of its own blocks; tables [N, MB])
 
 Implementations, fastest first: ``cuda`` (csrc/, via cuda.py), ``cpp`` (the CPU truncate in the same
 extension), ``triton`` (triton_decode.py, lazy_score.py), ``reference`` (reference.py, the ground truth). ``get_backend(device)`` resolves each op to an ordered list of usable
@@ -32,7 +37,9 @@ __all__ = [
     "truncate_kv_ref_",
 ]
 
-OPS = ("decode_full", "decode_sink_window", "truncate_kv_", "lazy_ratio")
+OPS = ("decode_full", "decode_sink_window", "truncate_kv_", "score_ratio", "score_peak", "paged_decode",
+       "paged_truncate_")
+SCORE_OPS = {"ratio": "score_ratio", "peak": "score_peak"}  # LazyConfig.score -> op
 IMPLS = ("cuda", "cpp", "triton", "reference")  # cpp: the CPU truncate_kv_ of ltengine._C
 
 _Supports = Callable[[torch.dtype, int], bool]
@@ -63,13 +70,17 @@ def _lazy_score():
 
 def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
     """Every usable implementation per op on this device, fastest first."""
-    from ltengine.lazy import lazy_ratio  # the reference scorer lives with the policies
+    from ltengine.kernels import paged
+    from ltengine.lazy import lazy_ratio, peak_score  # the reference scorers live with the policies
 
     ref = {
         "decode_full": _Impl("reference", decode_full_ref),
         "decode_sink_window": _Impl("reference", decode_sink_window_ref),
         "truncate_kv_": _Impl("reference", truncate_kv_ref_),
-        "lazy_ratio": _Impl("reference", lazy_ratio),
+        "score_ratio": _Impl("reference", lazy_ratio),
+        "score_peak": _Impl("reference", peak_score),
+        "paged_decode": _Impl("reference", paged.paged_decode_ref),
+        "paged_truncate_": _Impl("reference", paged.paged_truncate_ref_),
     }
     out: dict[str, list[_Impl]] = {op: [] for op in OPS}
     if device.type == "cuda":
@@ -83,7 +94,9 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
             out["decode_sink_window"].append(_Impl("triton", tri.decode_sink_window, tri.supports))
         score = _lazy_score()
         if score.available():
-            out["lazy_ratio"].append(_Impl("triton", score.lazy_ratio_triton, score.supports))
+            out["score_ratio"].append(_Impl("triton", score.lazy_ratio_triton, score.supports))
+        if paged.triton is not None:
+            out["paged_decode"].append(_Impl("triton", paged.paged_decode_triton, paged.triton_supports))
     elif device.type == "cpu" and _cuda.has_cpu_ext():
         out["truncate_kv_"].append(_Impl("cpp", _cuda.truncate_kv_))  # the CPU op of the compiled extension
     for op in OPS:
@@ -132,7 +145,25 @@ class Backend:
 
     def lazy_ratio(self, q, k, sink, window, scale) -> float:
         """Prefill scoring: q [H_q, P, D] (last P queries), k [H_kv, T, D] -> mean kept attention mass."""
-        return self._ops["lazy_ratio"].pick(q.dtype, q.shape[-1]).fn(q, k, sink, window, scale)
+        return self._ops["score_ratio"].pick(q.dtype, q.shape[-1]).fn(q, k, sink, window, scale)
+
+    def scorer(self, rule: str) -> Callable:
+        """The op that scores a layer under ``LazyConfig.score == rule`` (higher = lazier):
+        ``fn(q [H_q, P, D], k [H_kv, T, D], sink, window, scale) -> float``."""
+        if rule not in SCORE_OPS:
+            raise ValueError(f"score rule must be one of {tuple(SCORE_OPS)}, got {rule!r}")
+        disp = self._ops[SCORE_OPS[rule]]
+        return lambda q, k, sink, window, scale: disp.pick(q.dtype, q.shape[-1]).fn(q, k, sink, window, scale)
+
+    def paged_decode(self, q, k_pool, v_pool, tables, n_valid, scale):
+        """q [B, H_q, D], pools [NB, BS, H_kv, D], tables [B, MB] int32, n_valid [B] int32 -> [B, H_q, D]."""
+        return self._ops["paged_decode"].pick(q.dtype, q.shape[-1]).fn(q, k_pool, v_pool, tables, n_valid, scale)
+
+    def paged_truncate_(self, k_pool, v_pool, tables, lengths, sink, window) -> None:
+        """In place: row n's tokens [lengths[n] - window, lengths[n]) move to their ring slots in the
+        blocks ``tables[n]`` (slot order), the sink stays; rows with length <= sink + window are untouched."""
+        self._ops["paged_truncate_"].pick(k_pool.dtype, k_pool.shape[-1]).fn(k_pool, v_pool, tables, lengths,
+                                                                            sink, window)
 
     def impl_for(self, op: str, dtype: torch.dtype, head_dim: int) -> str:
         """Name of the implementation that runs ``op`` for this dtype and head dim."""

@@ -32,6 +32,26 @@ def paged_decode_ref(q, k_pool, v_pool, block_tables, n_valid, scale):
     return decode_full_ref(q, k, v, n_valid, scale)
 
 
+def paged_truncate_ref_(k_pool, v_pool, block_tables, lengths, sink: int, window: int) -> None:
+    """In place: for each row n, the tokens ``[L - window, L)`` (L = ``lengths[n]``) move from their
+    slots in the blocks ``block_tables[n]`` (slot order) to their ring slots ``ring_slot(p)``; the
+    sink stays. Rows with L <= sink + window already hold every token in its ring slot. The kept rows
+    are gathered before any is written, so overlapping sources and destinations are harmless."""
+    bs = k_pool.shape[1]
+    flat_k = k_pool.view(-1, *k_pool.shape[2:])
+    flat_v = v_pool.view(-1, *v_pool.shape[2:])
+    for n, length in enumerate(lengths.tolist()):
+        if length <= sink + window:
+            continue
+        table = block_tables[n].long()
+        pos = torch.arange(length - window, length, device=k_pool.device)
+        slots = sink + (pos - sink) % window
+        src = table[pos // bs] * bs + pos % bs
+        dst = table[slots // bs] * bs + slots % bs
+        flat_k.index_copy_(0, dst, flat_k.index_select(0, src))
+        flat_v.index_copy_(0, dst, flat_v.index_select(0, src))
+
+
 if triton is not None:
 
     @triton.jit
