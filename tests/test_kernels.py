@@ -418,7 +418,7 @@ def test_backend_cpu():
     assert names["truncate_kv_"][-1] == "reference"
     from ltengine.kernels import OPS
     assert set(be.describe()) == set(OPS)
-    assert names["lazy_ratio"] == ["reference"]
+    assert names["score_ratio"] == ["reference"] and names["score_peak"] == ["reference"]
     ref = get_backend("cpu", prefer="reference")
     assert all(v == "reference" for v in ref.describe().values())
     with pytest.raises(ValueError, match="prefer must be one of"):

@@ -47,8 +47,8 @@ def test_lazy_mass_matches_reference(case, dtype):
 
 def test_backend_picks_the_kernel_and_reference_can_be_forced():
     be = get_backend("cuda")
-    assert be.impl_for("lazy_ratio", torch.bfloat16, 128) == "triton"
-    assert get_backend("cuda", prefer="reference").impl_for("lazy_ratio", torch.bfloat16, 128) == "reference"
+    assert be.impl_for("score_ratio", torch.bfloat16, 128) == "triton"
+    assert get_backend("cuda", prefer="reference").impl_for("score_ratio", torch.bfloat16, 128) == "reference"
     q = torch.randn(8, 16, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2, 300, 64, device="cuda", dtype=torch.bfloat16)
-    assert be.lazy_ratio(q, k, 4, 32, 0.2) == pytest.approx(lazy_ratio(q, k, 4, 32, 0.2), abs=TOL)
+    assert be.scorer("ratio")(q, k, 4, 32, 0.2) == pytest.approx(lazy_ratio(q, k, 4, 32, 0.2), abs=TOL)
