@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +50,15 @@ class LazyConfig:
                 raise ValueError(f"LazyConfig.{name} must be a positive integer (>= 1), got {value!r}")
         if self.score not in SCORES:
             raise ValueError(f"LazyConfig.score must be one of {SCORES}, got {self.score!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"LazyConfig.seed must be an integer, got {self.seed!r}")
         if isinstance(self.policy, str):
             if self.policy not in POLICIES:
                 raise ValueError(f"LazyConfig.policy must be one of {POLICIES} or a list of layer indices, got {self.policy!r}")
         else:
+            if not isinstance(self.policy, (list, tuple, range)):
+                raise ValueError(f"LazyConfig.policy must be one of {POLICIES} or a list of layer indices, "
+                                 f"got {type(self.policy).__name__} {self.policy!r}")
             layers = tuple(self.policy)
             if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
                 raise ValueError(f"LazyConfig.policy as a layer list must hold non-negative ints, got {self.policy!r}")
@@ -100,20 +106,32 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop: tuple[str, ...] = field(default_factory=tuple)  # a str, a list, or None are taken too
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if (isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
+                or not math.isfinite(self.temperature) or self.temperature < 0):
+            raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if not all(isinstance(s, str) and s for s in stop):
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2**63 <= self.seed < 2**64):
+            raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}")
+        # None = no stop strings; "" and [""] are both refused (an empty string would stop at once)
+        if self.stop is None:
+            stop = ()
+        elif isinstance(self.stop, str):
+            stop = (self.stop,)
+        elif isinstance(self.stop, (list, tuple)):
+            stop = tuple(self.stop)
+        else:
+            stop = None
+        if stop is None or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from ltengine import Engine, LazyConfig
+from ltengine import Engine, LazyConfig, SamplingParams
 from ltengine.config import parse_bytes
+from ltengine.loading import load_model
 
 
 class _Tok:
@@ -62,6 +63,10 @@ def test_prompt_longer_than_context(engine):
     (dict(window=2.5), r"window must be a positive integer"),
     (dict(policy="fastest"), r"policy must be one of \('lighttransfer', 'topk', 'random', 'streaming'\)"),
     (dict(policy=[1, 1]), "lists a layer twice"),
+    (dict(policy=5), r"policy must be one of \('lighttransfer', 'topk', 'random', 'streaming'\) or a list of layer "
+                     r"indices, got int 5"),
+    (dict(policy=None), "policy must be one of .* got NoneType None"),
+    (dict(seed="abc"), "LazyConfig.seed must be an integer, got 'abc'"),
 ])
 def test_bad_lazy_config(engine, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -75,6 +80,17 @@ def test_bad_lazy_config(engine, kwargs, message):
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-2), "top_k must be an integer >= 0"),
     (dict(stop=[""]), "stop must be a non-empty string"),
+    pytest.param(dict(stop=""), r"stop must be a non-empty string or a list of non-empty strings, got ''",
+                 marks=pytest.mark.xfail(strict=False, reason="until engine.generate passes stop through "
+                                         "(`stop if stop is not None else ()`, not `stop or ()`)")),
+    (dict(stop=123), "stop must be a non-empty string or a list of non-empty strings, got 123"),
+    (dict(stop=["ok", 7]), r"got \['ok', 7\]"),
+    (dict(temperature=float("nan")), r"temperature must be >= 0 and finite \(0 = greedy\), got nan"),
+    (dict(temperature=float("inf")), "temperature must be >= 0 and finite .*got inf"),
+    (dict(top_p=float("nan")), r"top_p must be in \(0, 1\], got nan"),
+    (dict(seed="abc"), r"seed must be None or an integer in \[-2\*\*63, 2\*\*64\), got 'abc'"),
+    (dict(seed=1.5), "seed must be None or an integer"),
+    (dict(seed=2**64), "seed must be None or an integer"),
     (dict(lazy="half"), "lazy must be a LazyConfig or None"),
 ])
 def test_bad_generate_arguments(engine, kwargs, message):
@@ -84,10 +100,54 @@ def test_bad_generate_arguments(engine, kwargs, message):
     _still_works(engine)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stop=""), "stop must be a non-empty string"),
+    (dict(stop=[""]), "stop must be a non-empty string"),
+    (dict(stop=123), "stop must be a non-empty string or a list of non-empty strings, got 123"),
+    (dict(temperature=float("nan")), "temperature must be >= 0 and finite"),
+    (dict(seed="abc"), "seed must be None or an integer"),
+])
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_stop_forms():
+    assert SamplingParams(stop="x").stop == ("x",)
+    assert SamplingParams(stop=["x", "yz"]).stop == ("x", "yz")
+    assert SamplingParams(stop=None).stop == SamplingParams().stop == ()
+    assert SamplingParams(seed=-1).seed == -1
+
+
 def test_layer_list_outside_the_model(engine):
     with pytest.raises(ValueError, match=r"names layers \[7\], but the model has layers 0..3"):
         engine.generate("hello", max_new_tokens=3, lazy=LazyConfig(policy=[1, 7]))
     _still_works(engine)
+
+
+def test_model_path_that_does_not_exist(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ValueError, match=f"model path '{missing}' does not exist"):
+        Engine.from_pretrained(missing)
+    with pytest.raises(ValueError, match="model path './nowhere/model' does not exist"):
+        Engine("./nowhere/model")
+    with pytest.raises(ValueError, match="model path 'missing.gguf' does not exist"):
+        load_model("missing.gguf")
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=f"model '{tmp_path}' is not a model directory: it has no config.json"):
+        Engine.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="is a file but not a .gguf"):
+        load_model(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="model must be a path, a .gguf file or a hub id, got int"):
+        load_model(5)
+
+
+def test_bad_dtype_name():
+    with pytest.raises(ValueError, match="dtype 'float33' is not a torch dtype"):
+        load_model(None, dtype="float33")
 
 
 def test_unknown_model_type():
