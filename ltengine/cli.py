@@ -1,11 +1,41 @@
-"""Command line: ``ltengine generate | qa | info``."""
+"""Command line: ``ltengine generate | qa | info`` (also ``python -m ltengine``)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 DEMO_QUESTION = "Who is Mr. Bingley, and what does Mrs. Bennet want from him?"
+
+
+# argparse types: a bad value fails at parse time (exit 2), before torch or the model load
+def _arg_type(name: str, convert, check, allowed: str):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+_positive = _arg_type("positive int", int, lambda v: v >= 1, "must be an integer >= 1")
+_nonnegative = _arg_type("int", int, lambda v: v >= 0, "must be an integer >= 0")
+_fraction = _arg_type("fraction", float, lambda v: 0.0 <= v <= 1.0, "must be a number in [0, 1]")
+_finite = _arg_type("number", float, math.isfinite, "must be a finite number")
+
+
+def _budget(text: str) -> int:
+    from .config import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -15,40 +45,105 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--backend", default=None, choices=["reference"], help="force the pure-PyTorch kernels")
     lz = p.add_argument_group("lazy layers (LightTransfer-Test)")
-    lz.add_argument("--fraction", type=float, default=None, help="share of layers made lazy, 0..1 (0 = full attention)")
-    lz.add_argument("--sink", type=int, default=None, help="sink tokens kept by a lazy layer")
-    lz.add_argument("--window", type=int, default=None, help="recent tokens kept by a lazy layer")
-    lz.add_argument("--probe", type=int, default=None, help="last prompt queries that score a layer")
+    lz.add_argument("--fraction", type=_fraction, default=None, help="share of layers made lazy, 0..1 (0 = full attention)")
+    lz.add_argument("--sink", type=_positive, default=None, help="sink tokens kept by a lazy layer")
+    lz.add_argument("--window", type=_positive, default=None, help="recent tokens kept by a lazy layer")
+    lz.add_argument("--probe", type=_positive, default=None, help="last prompt queries that score a layer")
     lz.add_argument("--policy", default=None, help="lighttransfer | topk | random | streaming | comma-separated layers")
     lz.add_argument("--score", default=None, choices=["ratio", "peak"], help="how layers are scored (LazyConfig.score)")
-    lz.add_argument("--kv-budget", default=None, help="KV bytes the call may hold, e.g. 512MiB (then the budget decides)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    lz.add_argument("--kv-budget", type=_budget, default=None, help="KV bytes the call may hold, e.g. 512MiB (then the budget decides)")
+    p.add_argument("--max-new-tokens", type=_positive, default=None, help="tokens to generate, >= 1")
+    p.add_argument("--temperature", type=_finite, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=_finite, default=1.0)
+    p.add_argument("--top-k", type=_nonnegative, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
 
 
-def _engine(args):
-    import torch
-
-    from . import Engine, LazyConfig
+def _lazy(args):
+    """The LazyConfig the flags ask for (ValueError for a bad combination)."""
+    from .config import LazyConfig
     from .engine import DEFAULT_MODEL_LAZY
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = DEFAULT_MODEL_LAZY if args.model is None else LazyConfig()
     fields = {k: getattr(args, k) for k in ("fraction", "sink", "window", "probe", "score") if getattr(args, k) is not None}
     if args.policy:
-        fields["policy"] = (tuple(int(x) for x in args.policy.split(",")) if args.policy[0].isdigit() else args.policy)
-    lazy = LazyConfig(**{**base.__dict__, **fields})
-    print(f"loading {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {device} ...", file=sys.stderr)
-    return Engine.from_pretrained(args.model, lazy=lazy, kv_budget=args.kv_budget, dtype=args.dtype,
-                                  device=device, backend=args.backend)
+        if args.policy[0].isdigit():
+            try:
+                fields["policy"] = tuple(int(x) for x in args.policy.split(","))
+            except ValueError:
+                raise ValueError(f"--policy {args.policy!r}: a layer list is comma-separated integers, e.g. 3,7,12") from None
+        else:
+            fields["policy"] = args.policy
+    return LazyConfig(**{**base.__dict__, **fields})
 
 
 def _sampling(args, default_tokens: int) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens or default_tokens, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    """generate() keyword arguments, checked by SamplingParams (ValueError for a bad value)."""
+    from .config import SamplingParams
+
+    kw = dict(max_new_tokens=default_tokens if args.max_new_tokens is None else args.max_new_tokens,
+              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    SamplingParams(**kw)
+    return kw
+
+
+def _device(name: str | None) -> str:
+    """``name``, or the default device; ValueError when this machine cannot run on it."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {name}: CUDA is not available ({why}, torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (0..{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: ltengine runs on cpu or cuda, not {device.type}")
+    return name
+
+
+def _read_text(path: str, option: str) -> str:
+    """A UTF-8 text file's contents; ValueError naming the file when it is missing, binary or empty."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{option} {path}: is a directory; give a text file")
+    if not p.is_file():
+        raise ValueError(f"{option} {path}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{option} {path}: not UTF-8 text (a binary file?): byte {e.start} cannot be decoded") from None
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot be read ({e.strerror})") from None
+    if "\x00" in text:
+        raise ValueError(f"{option} {path}: holds NUL bytes, not text (a binary file?)")
+    if not text.strip():
+        raise ValueError(f"{option} {path}: the file is empty")
+    return text
+
+
+def _checked(args, default_tokens: int) -> tuple:
+    """Everything the command needs that can be checked before the model loads (30+ s on a first run):
+    the lazy config, the sampling settings, the model path and the device."""
+    from .loading import resolve_source
+
+    lazy, sampling = _lazy(args), _sampling(args, default_tokens)
+    resolve_source(args.model)  # a path that does not exist, a directory that is not a model
+    return lazy, sampling, _device(args.device)
+
+
+def _engine(args, lazy, device):
+    from . import Engine
+
+    print(f"loading {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {device} ...", file=sys.stderr)
+    return Engine.from_pretrained(args.model, lazy=lazy, kv_budget=args.kv_budget, dtype=args.dtype,
+                                  device=device, backend=args.backend)
 
 
 def _print_result(out) -> None:
@@ -59,9 +154,11 @@ def _print_result(out) -> None:
 def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.file is None):
         raise SystemExit("ltengine generate: give a prompt or --file FILE (one of them)")
-    text = Path(args.file).read_text(encoding="utf-8") if args.file else args.prompt
-    engine = _engine(args)
-    kw = _sampling(args, 64)
+    text = _read_text(args.file, "--file") if args.file else args.prompt
+    if not text.strip():
+        raise ValueError("the prompt is empty")
+    lazy, kw, device = _checked(args, 64)
+    engine = _engine(args, lazy, device)
     if args.chat:
         out = engine.chat([{"role": "user", "content": text}], **kw)
     else:
@@ -74,14 +171,17 @@ def cmd_qa(args) -> int:
     from .data import chapter
 
     if args.doc:
-        document = Path(args.doc).read_text(encoding="utf-8")
+        document = _read_text(args.doc, "--doc")
         name = args.doc
     else:
         document = "\n\n".join(chapter(n) for n in args.chapters)
         name = f"Pride and Prejudice, chapters {', '.join(map(str, args.chapters))} (shipped with ltengine)"
-    engine = _engine(args)
+    if not args.question.strip():
+        raise ValueError("--question is empty")
+    lazy, kw, device = _checked(args, 96)
+    engine = _engine(args, lazy, device)
     print(f"document: {name}, {len(document)} characters\nquestion: {args.question}\n", file=sys.stderr)
-    out = engine.answer(document, args.question, **_sampling(args, 96))
+    out = engine.answer(document, args.question, **kw)
     _print_result(out)
     return 0
 
@@ -91,7 +191,7 @@ def cmd_info(args) -> int:
 
     from .kernels import available_backends, get_backend
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(_device(args.device))
     print(f"torch {torch.__version__}, device {device}")
     print("selected:", get_backend(device, prefer=args.backend).describe())
     print("available:", available_backends(device))
@@ -122,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (ValueError, OSError, ModuleNotFoundError) as e:
         print(f"ltengine: error: {e}", file=sys.stderr)
         return 2
 

@@ -45,11 +45,103 @@ def test_qa_on_shipped_chapter(patched_engine, capsys):
     assert "Bingley" in out and "lazy layers 8/30" in err
 
 
-def test_bad_input_is_an_error_message_not_a_traceback(patched_engine, capsys):
-    assert cli.main(["generate", "hi", "--fraction", "2"]) == 2
-    assert "fraction must be a number in [0, 1]" in capsys.readouterr().err
+@pytest.fixture
+def no_load(monkeypatch):
+    """Bad arguments must fail before the model loads."""
+    def from_pretrained(*a, **k):
+        pytest.fail("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(Engine, "from_pretrained", staticmethod(from_pretrained))
+
+
+def _exit_code(argv) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "hi", "--fraction", "2"], r"--fraction: must be a number in \[0, 1\], got '2'"),
+    (["generate", "hi", "--kv-budget", "lots"], "--kv-budget: kv_budget 'lots' is not a size"),
+    (["generate", "hi", "--kv-budget", "0"], "kv_budget must be positive"),
+    (["generate", "hi", "--max-new-tokens", "-1"], "--max-new-tokens: must be an integer >= 1, got '-1'"),
+    (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1, got '0'"),
+    (["generate", "hi", "--window", "0"], "--window: must be an integer >= 1"),
+    (["generate", "hi", "--top-k", "-1"], "--top-k: must be an integer >= 0"),
+    (["generate", "hi", "--temperature", "nan"], "--temperature: must be a finite number, got 'nan'"),
+    (["generate", "hi", "--temperature", "-1"], "temperature must be >= 0 and finite"),
+    (["generate", "hi", "--top-p", "0"], r"top_p must be in \(0, 1\]"),
+    (["generate", "hi", "--policy", "fastest"], "policy must be one of"),
+    (["generate", "hi", "--policy", "1,x"], "--policy '1,x': a layer list is comma-separated integers"),
+    (["generate", "   "], "the prompt is empty"),
+    (["generate", "hi", "--model", "/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
+    (["qa", "--question", ""], "--question is empty"),
+    (["qa", "--chapters", "999"], "chapter must be one of 1..")
+])
+def test_bad_arguments_fail_before_loading(no_load, capsys, argv, message):
+    import re
+
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_bad_files_are_named(no_load, capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "nul.txt").write_bytes(b"text\x00with a NUL")
+    for argv, message in [
+        (["qa", "--doc", str(tmp_path)], f"--doc {tmp_path}: is a directory; give a text file"),
+        (["qa", "--doc", str(tmp_path / "empty.txt")], "empty.txt: the file is empty"),
+        (["qa", "--doc", str(tmp_path / "blob.bin")], "blob.bin: not UTF-8 text (a binary file?): byte 128"),
+        (["qa", "--doc", str(tmp_path / "nul.txt")], "nul.txt: holds NUL bytes"),
+        (["qa", "--doc", str(tmp_path / "missing.txt")], "missing.txt: no such file"),
+        (["generate", "--file", str(tmp_path / "blob.bin")], "--file " + str(tmp_path / "blob.bin")),
+        (["generate", "hi", "--model", str(tmp_path)], "is not a model directory: it has no config.json"),
+    ]:
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_device_errors(no_load, capsys):
+    import torch
+
+    assert cli.main(["generate", "hi", "--device", "gpu0"]) == 2
+    assert "--device 'gpu0' is not a device; use cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["generate", "hi", "--device", "cuda"]) == 2
+        assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+        assert cli.main(["info", "--device", "cuda:0"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_max_new_tokens_default_and_given(monkeypatch):
+    import types
+
+    args = types.SimpleNamespace(max_new_tokens=None, temperature=0.0, top_p=1.0, top_k=0, seed=None)
+    assert cli._sampling(args, 64)["max_new_tokens"] == 64
+    args.max_new_tokens = 3
+    assert cli._sampling(args, 64)["max_new_tokens"] == 3
+
+
+def test_prompt_and_file_are_exclusive(no_load):
     with pytest.raises(SystemExit):
         cli.main(["generate"])  # neither a prompt nor --file
+
+
+def test_python_dash_m():
+    """``python -m ltengine`` is the ``ltengine`` command (here: its error path, no model load)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "ltengine", "generate", "hi", "--max-new-tokens", "0"],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "usage: ltengine generate" in run.stderr
+    assert "--max-new-tokens: must be an integer >= 1, got '0'" in run.stderr
 
 
 def test_info(capsys):

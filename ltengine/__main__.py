@@ -1,0 +1,6 @@
+"""``python -m ltengine ...``: the ``ltengine`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
