@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec "${PYTHON:-python3}" -m ltengine.cli qa "$@"
+exec "${PYTHON:-python3}" -m ltengine qa "$@"
