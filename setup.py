@@ -1,8 +1,8 @@
 """Builds the optional compiled extension ltengine._C; package metadata lives in pyproject.toml.
 
-- CUDA extension (CPU + CUDA truncate_kv_, CUDA decode) when torch sees a GPU or LTENGINE_CUDA=1, and
+- CUDA extension (CPU + CUDA truncate_kv_ / paged_truncate_, CUDA paged_decode) when torch sees a GPU or LTENGINE_CUDA=1, and
   nvcc is found; arch list from TORCH_CUDA_ARCH_LIST (default "9.0").
-- Otherwise a C++ extension with the CPU truncate_kv_ only.
+- Otherwise a C++ extension with the CPU truncate_kv_ / paged_truncate_ only.
 - Without torch, a compiler, or when the build fails: a warning, and the pure-Python package installs
   anyway (every kernel has a PyTorch reference fallback). LTENGINE_NO_EXT=1 skips the build;
   LTENGINE_STRICT_BUILD=1 makes a failed build an error; LTENGINE_PTXAS_VERBOSE=1 prints register use.
@@ -50,15 +50,19 @@ def _extension_setup() -> dict:
         os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
     )
     want_cuda = torch.cuda.is_available() or os.environ.get("LTENGINE_CUDA") == "1"
-    cxx = ["-O3"]  # BuildExtension picks the C++ standard that matches torch
-    nvcc_flags = ["-O3", "--expt-relaxed-constexpr"]
+    # The libstdc++ ABI of torch's own build, said explicitly: recent BuildExtension no longer passes it,
+    # and a compiler whose default differs builds std::string-passing calls (TORCH_CHECK's message) that
+    # crash inside torch when a check fails.
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(getattr(torch._C, '_GLIBCXX_USE_CXX11_ABI', True))}"
+    cxx = ["-O3", abi]  # BuildExtension picks the C++ standard that matches torch
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", abi]
     if os.environ.get("LTENGINE_PTXAS_VERBOSE") == "1":
         nvcc_flags.append("-Xptxas=-v")
     if want_cuda and nvcc and torch.version.cuda is not None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         ext = CUDAExtension(
             "ltengine._C",
-            ["csrc/ops.cpp", "csrc/truncate_kv.cu", "csrc/decode.cu"],
+            ["csrc/ops.cpp", "csrc/truncate_kv.cu", "csrc/paged_decode.cu", "csrc/paged_truncate.cu"],
             define_macros=[("LTENGINE_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},
         )

@@ -1,8 +1,9 @@
 """Quick device probe of the paged path: kernel GB/s vs copy bandwidth, engine decode tok/s at 1x8k.
 
     python3 bench/paged_probe.py             # on a CUDA machine
-    python3 bench/paged_probe.py --splits    # per-row schedule: split count sweep at the engine's decode shapes
-    python3 bench/paged_probe.py --schedule  # balanced vs per-row schedule at those shapes (+ mixed lazy layers)
+    python3 bench/paged_probe.py --schedule  # the balanced schedule's knobs at the engine's decode shapes
+
+The CUDA-vs-Triton table of the paged kernels (and truncation) is ``bench/kernels.py``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ltengine import Engine, LazyConfig  # noqa: E402
+from ltengine.kernels import get_backend  # noqa: E402
 from ltengine.kernels.paged import paged_decode_triton  # noqa: E402
 
 
@@ -34,7 +36,8 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 10 / (s.elapsed_time(e) / 1e3)
 
 
-def paged_case(b, tokens, copies, bucket=None, width=None, bs=64, h_kv=8, h_q=32, d=128, short=None):
+def paged_case(b, tokens, copies, bucket=None, width=None, bs=64, h_kv=8, h_q=32, d=128, short=None,
+               dtype=torch.bfloat16):
     """A random bf16 pool and ``copies`` layers of tables: ``b`` sequences of ``tokens`` keys on blocks
     placed at random, padded to ``bucket`` rows (pad rows: 0 keys, the scratch block 0), tables ``width``
     blocks wide, as the engine's CUDA-graph buckets run them; ``short``: every other row attends only
@@ -42,7 +45,7 @@ def paged_case(b, tokens, copies, bucket=None, width=None, bs=64, h_kv=8, h_q=32
     blocks = -(-tokens // bs)
     bucket, width = bucket or b, max(width or blocks, blocks)
     nb = b * blocks * copies + 1
-    k = torch.randn(nb, bs, h_kv, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(nb, bs, h_kv, d, device="cuda", dtype=dtype)
     v = torch.randn_like(k)
     tables = torch.zeros(copies, bucket, width, dtype=torch.int32, device="cuda")
     tables[:, :b, :blocks] = (torch.randperm(nb - 1, device="cuda")[: copies * b * blocks] + 1).int().view(copies, b, blocks)
@@ -50,22 +53,24 @@ def paged_case(b, tokens, copies, bucket=None, width=None, bs=64, h_kv=8, h_q=32
     n[:b] = tokens
     if short:
         n[1:b:2] = short
-    q = torch.randn(bucket, h_q, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(bucket, h_q, d, device="cuda", dtype=dtype)
     return q, k, v, tables, n
 
 
-def kernel_point(name, b, tokens, layers, bw, h_kv=8, d=128, **knobs):
-    """GB/s of ``layers`` paged decode calls launched from Python (mean of 5 passes)."""
+def kernel_point(name, b, tokens, layers, bw, h_kv=8, d=128, fn=None, **knobs):
+    """GB/s of ``layers`` paged decode calls launched from Python (mean of 5 passes); ``fn``: the
+    implementation (default: the backend's choice for bf16, D 128)."""
+    fn = fn or get_backend("cuda").paged_decode
     q, k, v, tables, n = paged_case(b, tokens, layers, h_kv=h_kv, d=d)
     for i in range(layers):
-        paged_decode_triton(q, k, v, tables[i], n, 0.1, **knobs)
+        fn(q, k, v, tables[i], n, 0.1, **knobs)
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     reps = 5
     s.record()
     for _ in range(reps):
         for i in range(layers):
-            paged_decode_triton(q, k, v, tables[i], n, 0.1, **knobs)
+            fn(q, k, v, tables[i], n, 0.1, **knobs)
     e.record()
     torch.cuda.synchronize()
     sec = s.elapsed_time(e) / 1e3 / reps
@@ -78,23 +83,21 @@ def kernel_point(name, b, tokens, layers, bw, h_kv=8, d=128, **knobs):
     return read / sec
 
 
-def graph_point(b, tokens, bucket, width, splits=None, layers=32, bs=64, h_kv=8, h_q=32, d=128, reps=5, short=None,
-                **knobs):
-    """GB/s of ``layers`` paged decode calls replayed from one CUDA graph (no launch overhead), ``b``
-    real rows of ``tokens`` keys padded to ``bucket`` rows (every other one of ``short`` keys when set);
-    distinct blocks per layer while they fit 8 GB (so small caches are not re-read from L2), else layers
-    share one set of blocks. ``splits`` set: the per-row schedule with that many splits; else ``knobs``
-    go to ``paged_decode_triton`` (default: the balanced schedule)."""
-    knobs = dict(schedule="rows", splits=splits) if splits is not None else knobs
+def graph_point(b, tokens, bucket, width, fn=paged_decode_triton, layers=32, bs=64, h_kv=8, h_q=32, d=128, reps=5,
+                short=None, dtype=torch.bfloat16, **knobs):
+    """GB/s of ``layers`` paged decode calls of ``fn`` replayed from one CUDA graph (no launch overhead),
+    ``b`` real rows of ``tokens`` keys padded to ``bucket`` rows (every other one of ``short`` keys when
+    set); distinct blocks per layer while they fit 8 GB (so small caches are not re-read from L2), else
+    layers share one set of blocks. ``knobs`` go to ``fn``."""
     per_layer = 2 * b * -(-tokens // bs) * bs * h_kv * d * 2
     copies = max(1, min(layers, int(8e9 // per_layer)))
-    q, k, v, tables, n = paged_case(b, tokens, copies, bucket, width, bs, h_kv, h_q, d, short)
-    paged_decode_triton(q, k, v, tables[0], n, 0.1, **knobs)
+    q, k, v, tables, n = paged_case(b, tokens, copies, bucket, width, bs, h_kv, h_q, d, short, dtype)
+    fn(q, k, v, tables[0], n, 0.1, **knobs)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(layers):
-            paged_decode_triton(q, k, v, tables[i % copies], n, 0.1, **knobs)
+            fn(q, k, v, tables[i % copies], n, 0.1, **knobs)
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -105,57 +108,35 @@ def graph_point(b, tokens, bucket, width, splits=None, layers=32, bs=64, h_kv=8,
         e.record()
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
-    read = 2 * int(n.sum()) * h_kv * d * 2 * layers
+    read = 2 * int(n.sum()) * h_kv * d * k.element_size() * layers
     del graph, k, v
     torch.cuda.empty_cache()
     return read / sorted(times)[len(times) // 2]
 
 
-def splits_sweep(bw):
-    """Split count vs % of copy bandwidth at the engine's decode shapes: real rows padded to the
-    CUDA-graph bucket, 32 layers in one graph, median of 5 replays."""
-    from ltengine.kernels.paged import num_splits
-
-    shapes = [("full 19 in bucket 24, T=33k", 19, 33024, 24, None), ("full 24 in bucket 24, T=33k", 24, 33024, 24, None),
-              ("full 9 in bucket 16, T=33k", 9, 33024, 16, None), ("full 16 in bucket 16, T=33k", 16, 33024, 16, None),
-              ("full 8x8k", 8, 8448, 8, None), ("full 1x8k", 1, 8448, 1, None), ("full 1x32k", 1, 33024, 1, None),
-              ("full 1x128k", 1, 131072, 1, None),
-              ("lazy 19 in bucket 24, W=1024, wide table", 19, 1024, 24, 2048), ("lazy 64, W=1024", 64, 1024, 64, 2048)]
-    for name, b, t, bucket, width in shapes:
-        w = width or -(-t // 64)
-        cur = num_splits(bucket, 8, w * 64)
-        res = [(sp, graph_point(b, t, bucket, width, sp)) for sp in sorted({cur, 1, 2, 3, 4, 5, 6, 8, 11, 16, 24, 32, 64})]
-        print(f"{name:42s} current {cur:3d}: " + "  ".join(f"{sp}:{100 * g / bw:.0f}%" for sp, g in res), flush=True)
-
-
 def schedule_sweep(bw):
-    """The balanced schedule (default) against the per-row splits it replaced, at the engine's decode
-    shapes in CUDA graphs, including "mixed" layers where every other row is sink + window (1024 keys),
-    as in a 50% lazy batch; each shape twice (block placement is random)."""
-    from ltengine.kernels.paged import num_splits
-
+    """The balanced schedule's knobs (target programs per SM) for both implementations at the engine's
+    decode shapes in CUDA graphs, including "mixed" layers where every other row is sink + window (1024
+    keys), as in a 50% lazy batch; each shape twice (block placement is random)."""
+    be = get_backend("cuda")
+    impls = {"triton": paged_decode_triton}
+    if be.impl_for("paged_decode", torch.bfloat16, 128) == "cuda":
+        from ltengine.kernels import cuda as kcuda
+        impls["cuda"] = kcuda.paged_decode
     shapes = [("full 9 in bucket 16, T=33k", 9, 33024, 16, None, None),
-              ("full 19 in bucket 24, T=33k", 19, 33024, 24, None, None),
               ("mixed 19 in bucket 24, T=33k / 1024", 19, 33024, 24, None, 1024),
-              ("full 8x8k", 8, 8448, 8, None, None), ("mixed 8x8k / 1024", 8, 8448, 8, None, 1024),
-              ("full 1x8k", 1, 8448, 1, None, None), ("full 1x32k", 1, 33024, 1, None, None),
-              ("lazy 64, W=1024", 64, 1024, 64, 2048, None), ("lazy 19 in bucket 24, W=1024", 19, 1024, 24, 2048, None)]
+              ("full 8x8k", 8, 8448, 8, None, None), ("full 1x8k", 1, 8448, 1, None, None),
+              ("full 1x32k", 1, 33024, 1, None, None), ("lazy 64, W=1024", 64, 1024, 64, 2048, None)]
     for name, b, t, bucket, width, short in shapes:
-        sp = num_splits(bucket, 8, (width or -(-t // 64)) * 64)
         for _ in range(2):
-            rows = graph_point(b, t, bucket, width, sp, short=short)
-            res = [("default", graph_point(b, t, bucket, width, short=short)),
-                   ("8/SM", graph_point(b, t, bucket, width, short=short, programs=8 * 132))]
-            print(f"{name:38s} rows ({sp:2d} splits) {100 * rows / bw:5.1f}%   balanced " +
-                  "  ".join(f"{k}: {100 * g / bw:5.1f}%" for k, g in res), flush=True)
+            res = [(f"{impl} {per}/SM", graph_point(b, t, bucket, width, fn, short=short, programs=per * 132))
+                   for impl, fn in impls.items() for per in (8, 16, 32)]
+            print(f"{name:38s} " + "  ".join(f"{k}: {100 * g / bw:5.1f}%" for k, g in res), flush=True)
 
 
 def main():
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
-    if "--splits" in sys.argv:
-        splits_sweep(bw)
-        return
     if "--schedule" in sys.argv:
         schedule_sweep(bw)
         return
@@ -164,10 +145,10 @@ def main():
     kernel_point("full B=1 T=8k", 1, 8192, 32, bw)
     if "--sweep" in sys.argv:  # each setting three times: block placement in the pool is random
         for knobs in ({}, {"block_n": 32, "num_stages": 3}, {"block_n": 32, "num_stages": 4},
-                      {"block_n": 64, "num_stages": 3, "num_warps": 8}, {"block_n": 32, "num_stages": 3, "schedule": "rows", "splits": 1}):
+                      {"block_n": 64, "num_stages": 3, "num_warps": 8}):
             for point in (("sink+window B=64 W=1024", 64, 1024), ("full B=8 T=32k", 8, 32768)):
                 for _ in range(3):
-                    kernel_point(*point, 32, bw, **knobs)
+                    kernel_point(*point, 32, bw, fn=paged_decode_triton, **knobs)
     import transformers as tf
 
     cfg = json.loads((Path(__file__).parent / "llama3_8b_config.json").read_text())

@@ -1,9 +1,11 @@
-// ltengine._C: op schemas, the CPU truncate_kv_ and the Python module stub.
+// ltengine._C: op schemas, the CPU truncations and the Python module stub.
 //
 // Ops live in torch.ops.ltengine (dispatcher-registered, so CUDA-graph capture and torch.compile
 // see real ops); importing ltengine._C loads this library and registers them.
-//   truncate_kv_(k, v, lengths, sink, window)            CPU + CUDA, any dtype, in place
-//   decode(q, k, v, lengths, scale, out, num_splits)     CUDA only, bf16/fp16, D in {64, 128}
+//   truncate_kv_(k, v, lengths, sink, window)                      CPU + CUDA, any dtype, in place
+//   paged_truncate_(k_pool, v_pool, tables, lengths, sink, window) CPU + CUDA, any dtype, in place
+//   paged_decode(q, k_pool, v_pool, tables, n_valid, scale, programs, min_chunk) -> out
+//                                                                  CUDA, bf16/fp16/fp32, D % 8 == 0, D <= 256
 #include <torch/extension.h>
 
 #include <cstring>
@@ -67,14 +69,84 @@ void truncate_kv_cpu(at::Tensor k, at::Tensor v, const at::Tensor& lengths, int6
   }
 }
 
+void check_paged_truncate_args(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& tables,
+                               const at::Tensor& lengths, int64_t sink, int64_t window) {
+  TORCH_CHECK(sink >= 0 && window >= 1, "paged_truncate_: need sink >= 0 and window >= 1, got sink=", sink,
+              ", window=", window);
+  TORCH_CHECK(k_pool.dim() == 4, "paged_truncate_: k_pool must be [num_blocks, block_size, H_kv, D], got ",
+              k_pool.sizes());
+  TORCH_CHECK(v_pool.sizes() == k_pool.sizes(), "paged_truncate_: v_pool ", v_pool.sizes(), " must match k_pool ",
+              k_pool.sizes());
+  TORCH_CHECK(v_pool.dtype() == k_pool.dtype(), "paged_truncate_: v_pool dtype ", v_pool.dtype(),
+              " must match k_pool dtype ", k_pool.dtype());
+  TORCH_CHECK(v_pool.device() == k_pool.device() && tables.device() == k_pool.device() &&
+                  lengths.device() == k_pool.device(),
+              "paged_truncate_: k_pool, v_pool, tables and lengths must be on one device; got ", k_pool.device(), ", ",
+              v_pool.device(), ", ", tables.device(), ", ", lengths.device());
+  TORCH_CHECK(k_pool.stride(3) == 1 && v_pool.stride(3) == 1,
+              "paged_truncate_: the last dim of k_pool and v_pool must be contiguous");
+  TORCH_CHECK(tables.dim() == 2 && tables.scalar_type() == at::kInt,
+              "paged_truncate_: tables must be int32 [N, MB], got ", tables.scalar_type(), " ", tables.sizes());
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == tables.size(0), "paged_truncate_: lengths must be [N=",
+              tables.size(0), "], got ", lengths.sizes());
+  TORCH_CHECK(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong,
+              "paged_truncate_: lengths must be int32 or int64, got ", lengths.scalar_type());
+}
+
+void paged_truncate_cpu(at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& tables, const at::Tensor& lengths,
+                        int64_t sink, int64_t window) {
+  check_paged_truncate_args(k_pool, v_pool, tables, lengths, sink, window);
+  TORCH_CHECK(k_pool.device().is_cpu(), "paged_truncate_ (CPU): tensors must be on the CPU");
+  const at::Tensor lens = lengths.to(at::kLong).contiguous();
+  const at::Tensor tbl = tables.contiguous();
+  const int64_t* L = lens.data_ptr<int64_t>();
+  const int32_t* T = tbl.data_ptr<int32_t>();
+  const int64_t N = tbl.size(0), MB = tbl.size(1), NB = k_pool.size(0), BS = k_pool.size(1), H = k_pool.size(2);
+  const int64_t row_bytes = k_pool.size(3) * k_pool.element_size();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(L[n] >= 0 && L[n] <= MB * BS, "paged_truncate_: lengths[", n, "]=", L[n], " outside [0, ", MB,
+                " blocks x ", BS, "]");
+    if (L[n] <= sink + window) continue;
+    for (int64_t i = 0; i < (L[n] + BS - 1) / BS; ++i) {
+      TORCH_CHECK(T[n * MB + i] >= 0 && T[n * MB + i] < NB, "paged_truncate_: tables[", n, ", ", i, "]=",
+                  T[n * MB + i], " outside [0, num_blocks=", NB, ")");
+    }
+  }
+  for (at::Tensor* t : {&k_pool, &v_pool}) {
+    char* base = static_cast<char*>(t->data_ptr());
+    const int64_t es = t->element_size();
+    const int64_t sb = t->stride(0) * es, st = t->stride(1) * es, sh = t->stride(2) * es;
+    // Rows own disjoint blocks, and within a row the copies are independent (ring_source): any order.
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        if (L[n] <= sink + window) continue;
+        const int32_t* row = T + n * MB;
+        for (int64_t j = 0; j < window; ++j) {
+          const int64_t src = ring_source(L[n], j, sink, window), dst = sink + j;
+          if (src == dst) continue;
+          char* from = base + row[src / BS] * sb + (src % BS) * st;
+          char* to = base + row[dst / BS] * sb + (dst % BS) * st;
+          for (int64_t h = 0; h < H; ++h) std::memcpy(to + h * sh, from + h * sh, row_bytes);
+        }
+      }
+    });
+  }
+}
+
 }  // namespace ltengine
 
 TORCH_LIBRARY(ltengine, m) {
   m.def("truncate_kv_(Tensor(a!) k, Tensor(b!) v, Tensor lengths, int sink, int window) -> ()");
-  m.def("decode(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale, Tensor(a!) out, int num_splits) -> ()");
+  m.def("paged_truncate_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor tables, Tensor lengths, int sink, "
+        "int window) -> ()");
+  m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor n_valid, float scale, "
+        "int programs, int min_chunk) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(ltengine, CPU, m) { m.impl("truncate_kv_", &ltengine::truncate_kv_cpu); }
+TORCH_LIBRARY_IMPL(ltengine, CPU, m) {
+  m.impl("truncate_kv_", &ltengine::truncate_kv_cpu);
+  m.impl("paged_truncate_", &ltengine::paged_truncate_cpu);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ltengine kernels; the ops are registered in torch.ops.ltengine";

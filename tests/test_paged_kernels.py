@@ -86,31 +86,19 @@ def test_paged_decode_in_a_cuda_graph():
     assert ((out.float() - expect).norm() / expect.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("schedule,knobs", [
-    ("balanced", {}), ("balanced", {"programs": 8}), ("balanced", {"programs": 4096, "min_chunk": 16}),
-    ("balanced", {"programs": 64, "min_chunk": 1000}), ("rows", {"splits": 1}), ("rows", {"splits": 11}),
-])
-def test_paged_decode_schedules(schedule, knobs):
-    """Both split schedules and their knobs on rows of very different lengths (a lazy batch mixes
-    full-length and sink + window rows), a padded row with no keys, bf16 and fp32. The balanced one
-    with many programs gives the long rows 64 chunks (the combine's multi-tile path)."""
+@pytest.mark.parametrize("knobs", [{}, {"programs": 8}, {"programs": 4096, "min_chunk": 16},
+                                   {"programs": 64, "min_chunk": 1000}])
+def test_paged_decode_schedule_knobs(knobs):
+    """The balanced schedule's knobs on rows of very different lengths (a lazy batch mixes full-length
+    and sink + window rows), a padded row with no keys, bf16 and fp32. Many programs give the long rows
+    64 chunks (the combine's multi-tile path)."""
     lengths = [1, 63, 64, 65, 1024, 1500, 4099, 9000, 0, 33]
     for dtype in (torch.bfloat16, torch.float32):
         q, k, v, tables, n = _case(len(knobs) + 7, len(lengths), 2, 4, 128, 64, lengths, dtype)
         ref32 = paged_decode_ref(q.float(), _clean(k).float(), _clean(v).float(), tables, n, 0.1)
         ref_lp = paged_decode_ref(q, _clean(k), _clean(v), tables, n, 0.1).float()
-        out = paged_decode_triton(q, k, v, tables, n, 0.1, schedule=schedule, **knobs)
+        out = paged_decode_triton(q, k, v, tables, n, 0.1, **knobs)
         real = n > 0  # a row with no keys (a padded bucket row) has no defined output
         assert torch.isfinite(out[real]).all(), "the kernel read a poisoned slot or wrote NaN"
         err = (out.float() - ref32)[real].abs().max().item()
         assert err <= 2 * (ref_lp - ref32)[real].abs().max().item() + 1e-3, (dtype, err)
-
-
-def test_unknown_schedule_is_refused():
-    q, k, v, tables, n = _case(0, 2, 2, 4, 64, 16, [5, 9], torch.bfloat16)
-    with pytest.raises(ValueError, match="schedule must be 'balanced' or 'rows'"):
-        paged_decode_triton(q, k, v, tables, n, 0.1, schedule="even")
-    with pytest.raises(ValueError, match="splits= applies to schedule='rows'"):
-        paged_decode_triton(q, k, v, tables, n, 0.1, splits=3)
-    with pytest.raises(ValueError, match="apply to schedule='balanced'"):
-        paged_decode_triton(q, k, v, tables, n, 0.1, schedule="rows", programs=8)

@@ -11,8 +11,10 @@ Ops (shapes token-major, ``[B, T, H_kv, D]`` caches, ``[B, H_q, D]`` queries):
   paged_truncate_(k_pool, v_pool, tables, lengths, sink, window) -> None (in place: each row's kept tokens into
                                                                 their ring slots of its own blocks; tables [N, MB])
 
-Implementations, fastest first: ``cuda`` (csrc/, via cuda.py), ``cpp`` (the CPU truncate in the same
-extension), ``triton`` (triton_decode.py, lazy_score.py), ``reference`` (reference.py, the ground truth). ``get_backend(device)`` resolves each op to an ordered list of usable
+Implementations, fastest first: ``cuda`` (csrc/, via cuda.py: paged_decode, paged_truncate_, truncate_kv_),
+``cpp`` (the CPU truncations of the same extension), ``triton`` (paged.py's paged decode, lazy_score.py),
+``reference`` (reference.py, paged.py, lazy.py: the ground truth; decode_full / decode_sink_window have only
+it, for the CPU reference runner). ``get_backend(device)`` resolves each op to an ordered list of usable
 implementations once; at call time the first that supports the input's (dtype, head dim) runs, a
 dict lookup cached per key, never a device check in the decode loop.
 """
@@ -56,14 +58,8 @@ class _Impl:
     supports: _Supports = _any
 
 
-def _triton():
-    from ltengine.kernels import triton_decode  # imports triton itself only if installed
-
-    return triton_decode
-
-
 def _lazy_score():
-    from ltengine.kernels import lazy_score
+    from ltengine.kernels import lazy_score  # imports triton itself only if installed
 
     return lazy_score
 
@@ -85,20 +81,17 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
     out: dict[str, list[_Impl]] = {op: [] for op in OPS}
     if device.type == "cuda":
         if _cuda.has_cuda_ext():
-            out["decode_full"].append(_Impl("cuda", _cuda.decode_full, _cuda.decode_supports))
-            out["decode_sink_window"].append(_Impl("cuda", _cuda.decode_sink_window, _cuda.decode_supports))
             out["truncate_kv_"].append(_Impl("cuda", _cuda.truncate_kv_))
-        tri = _triton()
-        if tri.available():
-            out["decode_full"].append(_Impl("triton", tri.decode_full, tri.supports))
-            out["decode_sink_window"].append(_Impl("triton", tri.decode_sink_window, tri.supports))
+            out["paged_decode"].append(_Impl("cuda", _cuda.paged_decode, _cuda.paged_supports))
+            out["paged_truncate_"].append(_Impl("cuda", _cuda.paged_truncate_))
         score = _lazy_score()
         if score.available():
             out["score_ratio"].append(_Impl("triton", score.lazy_ratio_triton, score.supports))
         if paged.triton is not None:
             out["paged_decode"].append(_Impl("triton", paged.paged_decode_triton, paged.triton_supports))
-    elif device.type == "cpu" and _cuda.has_cpu_ext():
-        out["truncate_kv_"].append(_Impl("cpp", _cuda.truncate_kv_))  # the CPU op of the compiled extension
+    elif device.type == "cpu" and _cuda.has_cpu_ext():  # the CPU ops of the compiled extension
+        out["truncate_kv_"].append(_Impl("cpp", _cuda.truncate_kv_))
+        out["paged_truncate_"].append(_Impl("cpp", _cuda.paged_truncate_))
     for op in OPS:
         out[op].append(ref[op])
     return out
@@ -171,13 +164,13 @@ class Backend:
 
     def describe(self) -> dict[str, str]:
         """op -> implementations in order, with the dtypes/head dims each covers, e.g.
-        ``'cuda (bf16/fp16, D 64/128) > triton > reference'``."""
+        ``'cuda (D % 8 == 0; bf16/fp16 D <= 128, fp32 D <= 256) > triton > reference'``."""
         out = {}
         for op, disp in self._ops.items():
             parts = []
             for impl in disp.impls:
-                if impl.supports is _cuda.decode_supports:
-                    parts.append(f"{impl.name} (bf16/fp16, D 64/128)")
+                if impl.supports is _cuda.paged_supports:
+                    parts.append(f"{impl.name} (D % 8 == 0; bf16/fp16 D <= 128, fp32 D <= 256)")
                 else:
                     parts.append(impl.name)
             out[op] = " > ".join(parts)

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from .triton_decode import available, tl, triton  # one Triton import guard for the kernels package
+from ._triton import available, tl, triton
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

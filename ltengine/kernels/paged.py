@@ -13,13 +13,8 @@ import functools
 
 import torch
 
+from ._triton import tl, triton
 from .reference import decode_full_ref
-
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001 - no Triton: the reference runs
-    triton = None
 
 
 def paged_decode_ref(q, k_pool, v_pool, block_tables, n_valid, scale):
@@ -84,50 +79,6 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         return m_i, l_i, acc
-
-    @triton.jit
-    def _paged_split_kernel(Q, K, V, TABLES, NVALID, PO, PM, PL,
-                            s_qb, s_qh, s_kb, s_kt, s_kh, s_tb, s_ob, s_oh, s_os, s_mb, s_mh,
-                            scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                            BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        s = tl.program_id(2)
-        n = tl.load(NVALID + b)
-        per = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
-        lo = s * per
-        hi = tl.minimum(lo + per, n)
-        g = tl.arange(0, GP)
-        d = tl.arange(0, DP)
-        gmask = g < G
-        dmask = d < D
-        q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :], mask=gmask[:, None] & dmask[None, :],
-                    other=0.0)
-        m_i, l_i, acc = _attend_keys(q, K, V, TABLES + b * s_tb, h * s_kh, lo, hi, s_kb, s_kt, scale, d, dmask,
-                                     GP, DP, BS, BLOCK_N, IEEE)
-        rows = b * s_ob + (h * G + g) * s_oh + s * s_os
-        tl.store(PO + rows[:, None] + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
-        mrow = b * s_mb + (h * G + g) * s_mh + s
-        tl.store(PM + mrow, m_i, mask=gmask)
-        tl.store(PL + mrow, l_i, mask=gmask)
-
-    @triton.jit
-    def _combine_kernel(PO, PM, PL, OUT, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_outh,
-                        D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr):
-        b = tl.program_id(0)
-        hq = tl.program_id(1)
-        s = tl.arange(0, SP)
-        d = tl.arange(0, DP)
-        dmask = d < D
-        smask = s < SPLITS
-        m = tl.load(PM + b * s_mb + hq * s_mh + s, mask=smask, other=float("-inf"))
-        l = tl.load(PL + b * s_mb + hq * s_mh + s, mask=smask, other=0.0)
-        big = tl.max(m, 0)
-        w = tl.where(m > float("-inf"), tl.exp(m - big), 0.0)
-        o = tl.load(PO + b * s_ob + hq * s_oh + s[:, None] * s_os + d[None, :], mask=smask[:, None] & dmask[None, :],
-                    other=0.0)
-        out = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
-        tl.store(OUT + b * s_outb + hq * s_outh + d, out.to(OUT.dtype.element_ty), mask=dmask)
 
 
 if triton is not None:
@@ -215,14 +166,6 @@ def triton_supports(dtype: torch.dtype, head_dim: int) -> bool:
     return triton is not None and dtype in (torch.float16, torch.bfloat16, torch.float32) and 8 <= head_dim <= 256
 
 
-def num_splits(batch: int, num_kv_heads: int, max_tokens: int, block_n: int = 64, sms: int = 132) -> int:
-    """Key-axis splits so that about sixteen programs per SM run at a full bucket, without splits shorter
-    than a tile. Fewer (four per SM) cost up to 7% of bandwidth when a bucket is part padding or the
-    blocks are scattered by truncation (bench/RESULTS.md, split sweep); more only add merge traffic."""
-    want = max(1, -(-PROGRAMS_PER_SM * sms // (batch * num_kv_heads)))
-    return max(1, min(want, -(-max_tokens // block_n), 64))
-
-
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -232,18 +175,17 @@ PROGRAMS_PER_SM = 16  # the split kernels aim at this many programs per SM (benc
 MIN_CHUNK = 128  # fewest keys one balanced chunk takes (shorter ones cost more in merging than they gain)
 
 
-def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, schedule: str = "balanced",
-                        splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                        num_stages: int = 2, programs: int | None = None, min_chunk: int | None = None):
+def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, block_n: int | None = None,
+                        num_warps: int = 4, num_stages: int = 2, programs: int | None = None,
+                        min_chunk: int | None = None):
     """Split-K (flash-decoding) paged decode; fp32 accumulation. Same contract as ``paged_decode_ref``.
 
-    ``schedule="balanced"`` (default): the keys of the whole batch are cut into chunks of one size
-    (total keys / ``programs`` per KV head, at least ``min_chunk``), so a row gets chunks in
-    proportion to its length and every program reads about the same; the sizes are worked out on the
-    device from ``n_valid``, so the launch is fixed for a CUDA graph while lengths change. This keeps
-    the GPU evenly loaded when full-length rows and sink + window rows share a layer (a lazy batch).
-    ``schedule="rows"``: each row in ``splits`` equal parts (the earlier kernel, kept for comparison).
-    ``splits``/``block_n``/``num_warps``/``num_stages``/``programs``/``min_chunk``: tuning knobs.
+    The balanced schedule: the keys of the whole batch are cut into chunks of one size (total keys /
+    ``programs`` per KV head, at least ``min_chunk``), so a row gets chunks in proportion to its length
+    and every program reads about the same; the sizes are worked out on the device from ``n_valid``, so
+    the launch is fixed for a CUDA graph while lengths change. This keeps the GPU evenly loaded when
+    full-length rows and sink + window rows share a layer (a lazy batch).
+    ``block_n``/``num_warps``/``num_stages``/``programs``/``min_chunk``: tuning knobs.
     """
     b, h_q, d = q.shape
     bs, h_kv = k_pool.shape[1], k_pool.shape[2]
@@ -253,50 +195,21 @@ def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, schedul
     out = torch.empty_like(q)
     dp, gp = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(g))
     sms = _sm_count(q.device.index or 0) if q.is_cuda else 132
-    if schedule == "balanced" and splits is not None:
-        raise ValueError("splits= applies to schedule='rows'; the balanced schedule takes programs= and min_chunk=")
-    if schedule == "rows" and (programs is not None or min_chunk is not None):
-        raise ValueError("programs= and min_chunk= apply to schedule='balanced'; the rows schedule takes splits=")
-    if schedule == "balanced":
-        tph = max(1, -(-(programs or PROGRAMS_PER_SM * sms) // h_kv))  # target programs per KV head
-        min_chunk = -(-(min_chunk or MIN_CHUNK) // block_n) * block_n
-        n_chunks = tph + b  # sum over rows of cdiv(n, per) <= total / per + b <= tph + b
-        part_o = torch.empty((h_q, n_chunks, d), dtype=torch.float32, device=q.device)
-        part_m = torch.empty((h_q, n_chunks), dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-        bp = max(16, triton.next_power_of_2(b))
-        _paged_chunk_kernel[(h_kv, n_chunks)](
-            q, k_pool, v_pool, block_tables, n_valid, part_o, part_m, part_l, b,
-            q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
-            part_o.stride(0), part_o.stride(1), part_m.stride(0),
-            scale, G=g, GP=gp, D=d, DP=dp, BS=bs, BLOCK_N=block_n, TPH=tph, MIN_CHUNK=min_chunk, BP=bp,
-            IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
-        _combine_chunks_kernel[(b, h_q)](
-            n_valid, part_o, part_m, part_l, out, b, part_o.stride(0), part_o.stride(1), part_m.stride(0),
-            out.stride(0), out.stride(1), TPH=tph, MIN_CHUNK=min_chunk, BLOCK_N=block_n, BP=bp, D=d, DP=dp,
-            SP=32, num_warps=4)
-        return out
-    if schedule != "rows":
-        raise ValueError(f"schedule must be 'balanced' or 'rows', got {schedule!r}")
-    if splits is None:
-        splits = num_splits(b, h_kv, block_tables.shape[1] * bs, sms=sms)
-    part_o = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
-    part_m = torch.empty((b, h_q, splits), dtype=torch.float32, device=q.device)
+    tph = max(1, -(-(programs or PROGRAMS_PER_SM * sms) // h_kv))  # target programs per KV head
+    min_chunk = -(-(min_chunk or MIN_CHUNK) // block_n) * block_n
+    n_chunks = tph + b  # sum over rows of cdiv(n, per) <= total / per + b <= tph + b
+    part_o = torch.empty((h_q, n_chunks, d), dtype=torch.float32, device=q.device)
+    part_m = torch.empty((h_q, n_chunks), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
-    _paged_split_kernel[(b, h_kv, splits)](
-        q, k_pool, v_pool, block_tables, n_valid, part_o, part_m, part_l,
+    bp = max(16, triton.next_power_of_2(b))
+    _paged_chunk_kernel[(h_kv, n_chunks)](
+        q, k_pool, v_pool, block_tables, n_valid, part_o, part_m, part_l, b,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_m.stride(0), part_m.stride(1),
-        scale, G=g, GP=gp, D=d, DP=dp, BS=bs, BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages)
-    _combine_kernel[(b, h_q)](part_o, part_m, part_l, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),
-                              part_m.stride(0), part_m.stride(1), out.stride(0), out.stride(1),
-                              D=d, DP=dp, SPLITS=splits, SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
+        part_o.stride(0), part_o.stride(1), part_m.stride(0),
+        scale, G=g, GP=gp, D=d, DP=dp, BS=bs, BLOCK_N=block_n, TPH=tph, MIN_CHUNK=min_chunk, BP=bp,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+    _combine_chunks_kernel[(b, h_q)](
+        n_valid, part_o, part_m, part_l, out, b, part_o.stride(0), part_o.stride(1), part_m.stride(0),
+        out.stride(0), out.stride(1), TPH=tph, MIN_CHUNK=min_chunk, BLOCK_N=block_n, BP=bp, D=d, DP=dp,
+        SP=32, num_warps=4)
     return out
-
-
-def pick_paged_decode(device: torch.device, dtype: torch.dtype, head_dim: int, prefer: str | None = None):
-    """The paged decode implementation for this device and dtype, chosen once: (name, fn)."""
-    if prefer != "reference" and device.type == "cuda" and triton_supports(dtype, head_dim):
-        return "triton", paged_decode_triton
-    return "reference", paged_decode_ref
