@@ -8,6 +8,7 @@ import argparse
 import inspect
 import logging
 import os
+import signal
 import sys
 
 
@@ -75,10 +76,8 @@ def build_server(args):
         raise ValueError(f"--interleave-layers must be >= 0 (0 = off), got {args.interleave_layers}")
     lazy = _lazy(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = {}
-    if "interleave_layers" in inspect.signature(Engine.__init__).parameters:
-        kwargs["interleave_layers"] = args.interleave_layers
-    elif args.interleave_layers:
+    kwargs = {"interleave_layers": args.interleave_layers} if engine_accepts("interleave_layers") else {}
+    if args.interleave_layers and not kwargs:
         raise ValueError("--interleave-layers: this engine build has no interleaved prefill")
     print(f"ltengine serve: loading {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {device} ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, lazy=lazy, kv_budget=args.kv_budget, dtype=args.dtype, device=device,
@@ -96,6 +95,18 @@ def build_server(args):
     return uvicorn.Server(config), loop
 
 
+def engine_accepts(name: str) -> bool:
+    """Whether ``Engine(...)`` takes the keyword ``name`` (its own or an ``EngineConfig`` field)."""
+    import dataclasses
+
+    from .. import engine as E
+
+    if name in inspect.signature(E.Engine.__init__).parameters:
+        return True
+    config = getattr(E, "EngineConfig", None)
+    return config is not None and dataclasses.is_dataclass(config) and name in {f.name for f in dataclasses.fields(config)}
+
+
 def _model_name(model: str | None) -> str:
     if model is None:
         return "SmolLM2-135M-Instruct"
@@ -106,8 +117,19 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     server, loop = build_server(args)
     print(f"ltengine serve: http://{args.host}:{args.port}/v1", file=sys.stderr)
-    server.run()  # handles SIGINT / SIGTERM: stop accepting, drain, lifespan shutdown (aborts the rest)
+    # uvicorn handles SIGINT / SIGTERM (stop accepting, drain, lifespan shutdown aborts the rest), then
+    # re-raises the signal under the previous handler: make that a clean exit instead of a kill
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_after_drain)
+    try:
+        server.run()
+    except SystemExit:
+        pass
     return 0 if loop.error is None else 1
+
+
+def _exit_after_drain(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,7 +99,7 @@ class EngineLoop:
         self._live: dict[str, _Request] = {}  # engine thread only
         self._lock = threading.Lock()
         self._queued = 0  # submitted, add_request not yet run (guarded by _lock)
-        self._snapshot: dict = dict(engine.metrics())
+        self._snapshot: dict = {}  # engine.metrics() as of the last step (taken on the engine thread only)
         self.peak_kv_bytes = 0  # most KV seen in use after a step (the engine's own peak when it reports one)
         self.peak_running = 0
         self._accepting = True
@@ -166,6 +166,9 @@ class EngineLoop:
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         try:
+            snap = self.engine.metrics()
+            with self._lock:
+                self._snapshot = snap
             while not self._stop.is_set():
                 busy = self.engine.has_unfinished()
                 self._drain(block=not busy)
@@ -188,7 +191,7 @@ class EngineLoop:
             cmd = self._cmds.get(timeout=self.idle_poll_s) if block else self._cmds.get_nowait()
         except queue.Empty:
             return
-        added = 0
+        added = aborted = 0
         while True:
             kind, arg = cmd
             if kind == "add":
@@ -198,15 +201,16 @@ class EngineLoop:
                 req = self._live.pop(arg, None)
                 if req is not None:
                     self.engine.abort(arg)
+                    aborted += 1
                     if self.metrics is not None:
                         self.metrics.finished("abort")
             try:
                 cmd = self._cmds.get_nowait()
             except queue.Empty:
                 break
-        if added:
+        if added or aborted:
             snap = self.engine.metrics()
-            with self._lock:  # the added requests move from "queued" to the engine's waiting count at once
+            with self._lock:  # added requests move from "queued" to the engine's waiting count at once
                 self._snapshot = snap
                 self._queued -= added
 
