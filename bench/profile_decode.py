@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from throughput import IdsTokenizer, build_model, copy_bandwidth, decode_weight_bytes, load_config, random_prompts  # noqa: E402
 
 from ltengine import Engine, LazyConfig  # noqa: E402
-from ltengine.engine import _NeverPolicy  # noqa: E402
 from ltengine.lazy import make_policy  # noqa: E402
+from ltengine.runners import PrefillRequest  # noqa: E402
 
 
 def group(name: str) -> str:
@@ -57,14 +57,16 @@ def main() -> None:
         eng = Engine(model, IdsTokenizer(), lazy=lazy, kv_budget="40GiB", progress=False)
         prompts = random_prompts(batch, a.prompt, config.vocab_size, 11)
         eng.generate(prompts[:1], max_new_tokens=2, ignore_eos=True)  # builds the pool and the runner
-        runner = next(iter(eng._runners.values()))
+        runner = eng.runner
         runner.graphs = False  # every kernel shows in the profile
         steps, L = a.steps, config.num_hidden_layers
         n_lazy = lazy.num_lazy(L) if lazy else 0
         seqs = []  # drive the runner directly: one prefill per prompt, then decode steps of the batch
+        cfg = lazy or LazyConfig(fraction=0.0)
         for ids in prompts:
-            policy = make_policy(lazy, L, L - n_lazy) if lazy else _NeverPolicy()
-            seqs.append(runner.prefill(torch.tensor(ids, device=dev), policy, 64, steps + 4).handle)
+            req = PrefillRequest(torch.tensor(ids, device=dev), make_policy(cfg, L, L - n_lazy), cfg.sink, cfg.window,
+                                 cfg.probe, eng.backend.scorer(cfg.score) if lazy else None, steps + 4)
+            seqs.append(runner.prefill([req])[0].handle)
         kv = per_tl * batch * ((L - n_lazy) * (a.prompt + 1) + n_lazy * min(a.prompt + 1, 1024))
         floor_ms = 1e3 * (weights + kv) / bw
         times = defaultdict(float)

@@ -12,7 +12,7 @@ The budget holds only a few of the requests at once, so the call exercises admis
 finishing sequences out of order (continuous batching). Checks, each printed as PASS / FAIL:
 
 1. no request fails (finish_reason "error"), and each one made exactly its max_new_tokens (ignore_eos);
-2. the pool is back to idle after the call: ``last_stats["pool_free_after"]`` equals what the same
+2. the pool is back to idle after the call: ``last_stats["kv_used_after"]`` is 0, and equals what the same
    engine reports after a warm-up call on an empty pool;
 3. peak KV (``last_stats["peak_kv_bytes"]``) is within the budget;
 4. 20 sampled requests, each run alone on the same engine, give the same greedy tokens and the same
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     engine = Engine(model, IdsTokenizer(), lazy=lazy, kv_budget=budget, runner=a.runner, progress=False,
                     max_prefill_tokens=a.max_prefill_tokens)
     engine.generate([prompts[0][:64]], max_new_tokens=2, ignore_eos=True)  # warm-up; an idle pool's free space
-    idle_free = engine.last_stats.get("pool_free_after")
+    idle_free = engine.last_stats.get("kv_used_after")
 
     t0 = time.perf_counter()
     outs, given, per_request = generate(engine, prompts, new_tokens)
@@ -123,9 +123,9 @@ def main(argv=None) -> int:
     checks.append(("every request made its max_new_tokens", not short,
                    f"{len(short)} wrong" + (f", e.g. #{short[0]}: {len(outs[short[0]].token_ids)} of {given[short[0]]}"
                                             if short else "")))
-    free_after = stats.get("pool_free_after")
+    free_after = stats.get("kv_used_after")
     checks.append(("pool back to idle after the call", free_after is not None and free_after == idle_free,
-                   f"pool_free_after {free_after}, idle {idle_free} (pool_bytes {stats.get('pool_bytes')})"))
+                   f"kv_used_after {free_after}, idle {idle_free} (pool_bytes {stats.get('pool_bytes')})"))
     peak = stats.get("peak_kv_bytes")
     checks.append(("peak KV within the budget", peak is not None and peak <= budget,
                    f"peak {format_bytes(peak or 0)} of {format_bytes(budget)}"))

@@ -161,7 +161,15 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 
 def engine_kwargs_supported() -> set[str]:
-    return set(inspect.signature(Engine.__init__).parameters)
+    names = set(inspect.signature(Engine.__init__).parameters)
+    try:  # EngineConfig fields are keyword arguments of Engine too
+        import dataclasses
+
+        from ltengine.config import EngineConfig
+        names |= {f.name for f in dataclasses.fields(EngineConfig)}
+    except ImportError:
+        pass
+    return names
 
 
 def make_engine(model, notes: list[str], **kwargs) -> Engine:
@@ -726,7 +734,7 @@ def summarize(engine: Engine, outs) -> dict:
         d.update(prefill_s=ls.get("prefill_s"), decode_s=ls.get("decode_s"), decode_tokens=ls.get("decode_tokens"),
                  decode_tok_s=ls.get("decode_tokens_per_s"), peak_kv_bytes=ls.get("peak_kv_bytes"),
                  max_running=ls.get("max_running"), pool_bytes=ls.get("pool_bytes"),
-                 pool_free_after=ls.get("pool_free_after"), stats_source="last_stats")
+                 kv_used_after=ls.get("kv_used_after"), stats_source="last_stats")
     elif ok:
         decode_s = max(o.stats.decode_s for o in ok)
         tokens = sum(o.stats.new_tokens for o in ok)

@@ -1,6 +1,8 @@
-"""ltengine: LightTransfer-Test inference for long-context LLMs (lazy layers get a sink + window KV cache)."""
-from .config import LazyConfig, SamplingParams
-from .engine import Engine, GenerationOutput, GenerationStats
+"""ltengine: LightTransfer-Test inference for long-context LLMs (arXiv 2410.13846)."""
+from .config import EngineConfig, LazyConfig, SamplingParams
+from .engine import Engine
+from .sequence import GenerationOutput, GenerationStats, RequestOutput, SequenceStatus, TextStream
 
-__all__ = ["Engine", "LazyConfig", "SamplingParams", "GenerationOutput", "GenerationStats"]
+__all__ = ["Engine", "EngineConfig", "GenerationOutput", "GenerationStats", "LazyConfig", "RequestOutput",
+           "SamplingParams", "SequenceStatus", "TextStream"]
 __version__ = "0.1.0"

@@ -170,3 +170,56 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+RUNNERS = ("auto", "paged", "reference")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What shapes an engine's runner, fixed at construction (``Engine.config``).
+
+    runner:             "paged" (one block pool, batched decode, CUDA graphs; default on CUDA),
+                        "reference" (contiguous per-sequence caches; default on CPU), or "auto".
+    backend:            None (fastest kernels per op) or "reference" / "cuda" / "cpp" / "triton" first.
+    block_size:         tokens per pool block (paged runner).
+    max_prefill_tokens: prompts admitted together are prefilled as one batch, right-padded to the
+                        longest, while it holds at most this many tokens (padding included) and
+                        padding is at most a fifth of them. 1 = one prompt at a time. None: 16384 on
+                        CUDA, 2048 on CPU (where a GEMM is compute bound at a few thousand rows).
+    overlap:            launch decode step n + 1 before taking in step n's tokens on the host
+                        (None: on CUDA, where a launch returns before the step ends).
+    score_layers:       False skips layer scoring (only for policies that need no scores).
+    interleave_layers:  0: a prefill runs to the end within one ``step``; k >= 1: ``step`` runs k
+                        layers of the prefill in flight, then one decode step of the running
+                        requests, so a long prompt stalls them for k layers at a time.
+    progress:           progress bars (None: for batches of 16+ prompts and long CPU prefills).
+    graphs:             capture paged decode steps in CUDA graphs (None: on CUDA).
+    """
+
+    runner: str = "auto"
+    backend: str | None = None
+    block_size: int = 64
+    max_prefill_tokens: int | None = None
+    overlap: bool | None = None
+    score_layers: bool = True
+    interleave_layers: int = 0
+    progress: bool | None = None
+    graphs: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        for name, low, what in (("block_size", 1, "a positive integer"),
+                                ("max_prefill_tokens", 1, "a positive integer (1 = no batched prefill)"),
+                                ("interleave_layers", 0, "an integer >= 0 (0 = off)")):
+            value = getattr(self, name)
+            if value is None and name == "max_prefill_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be {what}, got {value!r}")
+        for name in ("overlap", "progress", "graphs"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}")
+        if not isinstance(self.score_layers, bool):
+            raise ValueError(f"score_layers must be True or False, got {self.score_layers!r}")

@@ -75,14 +75,12 @@ def peak_score(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: 
     return 1.0 - float(distant_peak(q, k, sink, window, scale).max())
 
 
-SCORERS = {"ratio": lazy_ratio, "peak": peak_score}
 
 
 class LayerPolicy:
     """Decides, layer by layer during prefill, which layers' KV caches to demote."""
 
     name = "base"
-    scorer = None  # a replacement for the runner's lazy_ratio (same contract), e.g. peak_score
 
     def __init__(self, num_layers: int, full_capacity: int):
         self.num_layers = num_layers
@@ -148,15 +146,25 @@ class FixedPolicy(LayerPolicy):
         return [layer] if layer in self.layers else []
 
 
+class FullPolicy(LayerPolicy):
+    """Plain full attention: never demotes."""
+
+    name = "full"
+
+    def observe(self, layer: int, ratio: float) -> list[int]:
+        return []
+
+
+def needs_scores(lazy: LazyConfig) -> bool:
+    """Whether the config's policy reads layer scores (the online queue and the offline top-k)."""
+    return lazy.enabled and lazy.policy in ("lighttransfer", "topk")
+
+
 def make_policy(lazy: LazyConfig, num_layers: int, full_capacity: int) -> LayerPolicy:
-    """The policy object for one prompt's prefill (with its scorer when ``lazy.score`` is not "ratio")."""
-    policy = _make_policy(lazy, num_layers, full_capacity)
-    if lazy.score != "ratio":
-        policy.scorer = SCORERS[lazy.score]
-    return policy
-
-
-def _make_policy(lazy: LazyConfig, num_layers: int, full_capacity: int) -> LayerPolicy:
+    """The policy object for one prompt's prefill; how layers are scored is ``lazy.score``, which the
+    runner resolves through the kernel backend (``Backend.scorer``)."""
+    if not lazy.enabled:
+        return FullPolicy(num_layers, num_layers)
     n_lazy = num_layers - full_capacity
     if isinstance(lazy.policy, tuple):
         bad = [i for i in lazy.policy if i >= num_layers]

@@ -88,3 +88,11 @@ def book_text() -> str:
     from ltengine.data import book_text
 
     return book_text()
+
+
+def prefill_requests(backend, prompts, policies, lazy, reserve: int, score: bool = True):
+    """Runner-level prefill requests for token-id tensors and their policies under ``lazy``."""
+    from ltengine.runners import PrefillRequest
+
+    return [PrefillRequest(ids, pol, lazy.sink, lazy.window, lazy.probe, backend.scorer(lazy.score) if score else None,
+                           reserve) for ids, pol in zip(prompts, policies)]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ltengine.cache import FullKV, KVMeter, SinkWindowKV, demote
+from ltengine.memory.cache import FullKV, KVMeter, SinkWindowKV, demote
 from ltengine.kernels.reference import ring_slot, truncate_kv_ref_
 
 

@@ -6,8 +6,9 @@ import torch
 
 from conftest import FAMILIES, tiny_model
 from ltengine import Engine, LazyConfig
-from ltengine.engine import _NeverPolicy
-from ltengine.runner import ReferenceRunner
+from conftest import prefill_requests
+from ltengine.lazy import FullPolicy
+from ltengine.runners import ReferenceRunner
 from reference_attention import masked_generate
 
 # 20 prompt lengths from 10 to 2,000 tokens (acceptance: full mode is token-exact on all of them)
@@ -21,8 +22,10 @@ def _prompt(tokenizer, text: str, n: int, offset: int) -> list[int]:
 
 
 def _first_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
-    runner = ReferenceRunner(engine.adapter, engine.backend, 4, 1020, None)
-    res = runner.prefill(torch.tensor(ids), _NeverPolicy(), 64, 1)
+    runner = ReferenceRunner(engine.adapter, engine.backend, None)
+    n = engine.num_layers
+    res, = runner.prefill(prefill_requests(engine.backend, [torch.tensor(ids)], [FullPolicy(n, n)], LazyConfig(), 1,
+                                           score=False))
     runner.release(res.handle)
     return res.logits
 
@@ -173,7 +176,7 @@ def test_text_api_stream_chat_stop_and_sampling(default_model):
     model, tokenizer = default_model
     engine = Engine(model, tokenizer, lazy=LazyConfig(fraction=0.25, window=64))
     out = engine.generate("The capital of France is", max_new_tokens=12)
-    assert out.finish_reason in ("length", "eos") and out.text and out.lazy_ratios and len(out.lazy_ratios) == 30
+    assert out.finish_reason in ("length", "eos") and out.text and out.layer_scores and len(out.layer_scores) == 30
     assert out.stats.prefill_s > 0 and out.stats.decode_tokens_per_s > 0 and out.stats.peak_kv_bytes > 0
     pieces = list(engine.stream("The capital of France is", max_new_tokens=12))
     assert "".join(pieces) == out.text and len(pieces) > 1

@@ -6,7 +6,7 @@ import torch
 
 from conftest import FAMILIES, tiny_model
 from ltengine import Engine, LazyConfig
-from ltengine.cache import FullKV, KVMeter, demote
+from ltengine.memory.cache import FullKV, KVMeter, demote
 from ltengine.kernels import get_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -48,11 +48,10 @@ def test_overlapped_decode_on_gpu_equals_plain():
     outs = {}
     for overlap in (False, True):
         engine = Engine(gpu, _Ids(), lazy=LazyConfig(fraction=0.5, sink=2, window=14), kv_budget="256KiB",
-                        block_size=16)
-        engine.overlap = overlap
+                        block_size=16, overlap=overlap)
         outs[overlap] = engine.generate(prompts, max_new_tokens=new)
         assert engine.last_stats["runner"] == "paged"
-        assert engine.last_stats["pool_free_after"] == engine._kv_pool.num_blocks - 1
+        assert engine.last_stats["kv_used_after"] == 0
         assert engine.last_stats["peak_kv_bytes"] <= 256 * 1024
     assert max(o.stats.prefill_batch for o in outs[True]) > 1
     for a, b in zip(outs[False], outs[True]):
@@ -71,10 +70,10 @@ def test_bf16_fused_paged_decode_agrees_with_reference(family):
 
     import transformers as tf
 
+    from conftest import prefill_requests
     from ltengine.lazy import make_policy
-    from ltengine.paged import PagedRunner
-    from ltengine.pool import KVPool
-    from ltengine.runner import ReferenceRunner
+    from ltengine.memory.pool import KVPool
+    from ltengine.runners import PagedRunner, ReferenceRunner
 
     cfg = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                num_key_value_heads=2, head_dim=64, max_position_embeddings=8192, initializer_range=0.1,
@@ -99,12 +98,13 @@ def test_bf16_fused_paged_decode_agrees_with_reference(family):
         ids = torch.tensor(torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist(),
                            device="cuda")
         lazy = LazyConfig(fraction=0.5, sink=sink, window=window)
-        ref32 = ReferenceRunner(engine32.adapter, ref_backend, sink, window, None)
-        ref = ReferenceRunner(engine.adapter, ref_backend, sink, window, None)
+        ref32 = ReferenceRunner(engine32.adapter, ref_backend, None)
+        ref = ReferenceRunner(engine.adapter, ref_backend, None)
         pool = KVPool(4 * 4 * (n + 40) // 16 + 8, 16, 2, 64, torch.bfloat16, torch.device("cuda"))
-        fast = PagedRunner(engine.adapter, engine.backend, sink, window, pool)
-        assert fast.fused is not None and fast.attn_name == "triton" and fast.graphs
-        runs = [r.prefill(ids, make_policy(lazy, 4, 2), 64, 24) for r in (ref32, ref, fast)]
+        fast = PagedRunner(engine.adapter, engine.backend, pool)
+        assert fast.fused is not None and fast.attn_name in ("cuda", "triton") and fast.graphs
+        runs = [r.prefill(prefill_requests(r.backend, [ids], [make_policy(lazy, 4, 2)], lazy, 24))[0]
+                for r in (ref32, ref, fast)]
         assert runs[0].lazy_layers == runs[1].lazy_layers == runs[2].lazy_layers and len(runs[0].lazy_layers) == 2
         logits = [r.logits[None].float() for r in runs]
         for step in range(24):

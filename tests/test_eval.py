@@ -67,7 +67,7 @@ def test_shared_prefill_matches_engine_generate(engine):
             layers = cfg.lazy_layers(sp, index=0)
             assert layers == out.lazy_layers, cfg.name
             assert lazy.score == cfg.score
-            assert sp.ratios(cfg.sink, cfg.window, cfg.probe, cfg.score) == pytest.approx(out.lazy_ratios, abs=1e-6)
+            assert sp.ratios(cfg.sink, cfg.window, cfg.probe, cfg.score) == pytest.approx(out.layer_scores, abs=1e-6)
             cache = sp.build_cache(layers, cfg.sink, cfg.window, len(sample.ids) + 6, engine.backend)
             tokens = greedy(engine.adapter, engine.backend, [cache], sp.logits, len(sample.ids), 6, engine.eos_ids)[0]
             assert tokens == out.token_ids, cfg.name

@@ -24,7 +24,7 @@ def test_ratios_match_eager_attention_tiny(family):
     ids = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(5)).tolist()
     out = Engine(model, _Tok(), lazy=lazy).generate(ids, max_new_tokens=1)
     ref = eager_lazy_ratios(model, ids, lazy.sink, lazy.window, lazy.probe)
-    assert out.lazy_ratios == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    assert out.layer_scores == pytest.approx(ref, rel=1e-4, abs=1e-6)
 
 
 def test_ratios_match_eager_attention_default_model(default_model, book_text):
@@ -33,7 +33,7 @@ def test_ratios_match_eager_attention_default_model(default_model, book_text):
     lazy = LazyConfig(fraction=0.25, sink=4, window=64, probe=32)
     out = Engine(model, tokenizer, lazy=lazy).generate(ids, max_new_tokens=1)
     ref = eager_lazy_ratios(model, ids, lazy.sink, lazy.window, lazy.probe)
-    assert out.lazy_ratios == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    assert out.layer_scores == pytest.approx(ref, rel=1e-4, abs=1e-6)
     assert max(ref) - min(ref) > 0.1  # real layers differ: the comparison is not of constants
 
 
@@ -85,7 +85,7 @@ def test_engine_demotes_what_the_simulation_demotes(default_model, book_text):
     model, tokenizer = default_model
     ids = tokenizer(book_text[50000:56000])["input_ids"][:600]
     out = Engine(model, tokenizer, lazy=LazyConfig(fraction=0.5, window=64)).generate(ids, max_new_tokens=1)
-    assert out.lazy_layers == sorted(_simulate(out.lazy_ratios, 15))
+    assert out.lazy_layers == sorted(_simulate(out.layer_scores, 15))
 
 
 def test_policies():

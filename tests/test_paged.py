@@ -19,7 +19,7 @@ def test_paged_equals_reference(family, lazy):
     paged = Engine(model, _Ids(), lazy=lazy, runner="paged", block_size=8).generate(prompts, max_new_tokens=20)
     for r, p in zip(ref, paged):
         assert p.token_ids == r.token_ids and p.lazy_layers == r.lazy_layers
-        assert p.lazy_ratios == pytest.approx(r.lazy_ratios, rel=1e-5)
+        assert p.layer_scores == pytest.approx(r.layer_scores, rel=1e-5)
 
 
 def test_continuous_batching_under_a_budget():
@@ -31,9 +31,9 @@ def test_continuous_batching_under_a_budget():
     new = [5, 17, 9, 3, 12, 20, 1, 8]
     engine = Engine(model, _Ids(), lazy=lazy, runner="paged", block_size=16, kv_budget="160KiB")
     outs = [engine.generate(p, max_new_tokens=n) for p, n in zip(prompts, new)]  # one at a time
-    pool_blocks = engine.last_stats["pool_free_after"]
+    assert engine.last_stats["kv_used_after"] == 0
     batch = engine.generate(prompts, max_new_tokens=max(new))
-    assert engine.last_stats["pool_free_after"] == pool_blocks  # every block came back
+    assert engine.last_stats["kv_used_after"] == 0  # every block came back
     assert 1 < engine.last_stats["max_running"] < len(prompts)  # some waited, some ran together
     assert engine.last_stats["peak_kv_bytes"] <= 160 * 1024
     for one, b, n in zip(outs, batch, new):
@@ -53,7 +53,7 @@ def test_per_request_max_new_tokens(runner):
     batch = engine.generate(prompts, max_new_tokens=new, ignore_eos=True)
     assert [len(o.token_ids) for o in batch] == new
     assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
-    in_flight = 0 if runner == "paged" else engine._bytes_per_token_layer() * max(map(len, prompts))
+    in_flight = 0 if runner == "paged" else engine.runner.per_token_layer * max(map(len, prompts))
     assert engine.last_stats["peak_kv_bytes"] <= 160 * 1024 + in_flight  # reference: + one layer in flight
     with pytest.raises(ValueError, match="one entry per prompt: got 2 for 8 prompts"):
         engine.generate(prompts, max_new_tokens=[1, 2])
@@ -111,14 +111,12 @@ def test_overlapped_decode_equals_plain(runner):
     outs = {}
     for overlap in (False, True):
         engine = Engine(model, _Ids(), lazy=LazyConfig(fraction=0.5, sink=2, window=14), runner=runner,
-                        block_size=16, kv_budget="200KiB")
-        engine.overlap = overlap
+                        block_size=16, kv_budget="200KiB", overlap=overlap)
         outs[overlap] = engine.generate(prompts, max_new_tokens=new)
         stop = engine.generate(prompts[:3], max_new_tokens=20, stop=[" 7"])
         outs[overlap] += stop
         assert engine.last_stats["peak_kv_bytes"] <= 200 * 1024
-        if runner == "paged":
-            assert engine.last_stats["pool_free_after"] == engine._kv_pool.num_blocks - 1
+        assert engine.last_stats["kv_used_after"] == 0
     for a, b in zip(outs[False], outs[True]):
         assert (b.token_ids, b.finish_reason, b.text) == (a.token_ids, a.finish_reason, a.text)
     assert [len(o.token_ids) for o in outs[True][:10]] == new

@@ -7,9 +7,11 @@ import torch
 
 from conftest import FAMILIES, SpacedIds as _Ids, random_prompts as _prompts, tiny_model
 from ltengine import Engine, LazyConfig
-from ltengine.engine import _Seq
+from conftest import prefill_requests
+from ltengine.config import SamplingParams
+from ltengine.sequence import Sequence
 from ltengine.lazy import make_policy
-from ltengine.runner import ReferenceRunner
+from ltengine.runners import ReferenceRunner
 
 
 LAZY = LazyConfig(fraction=0.5, sink=3, window=13, probe=16)
@@ -30,7 +32,7 @@ def test_batched_prefill_equals_one_at_a_time(family, runner):
     for w, g in zip(want, got):
         assert g.token_ids == w.token_ids
         assert g.lazy_layers == w.lazy_layers
-        assert g.lazy_ratios == pytest.approx(w.lazy_ratios, rel=1e-4, abs=1e-6)
+        assert g.layer_scores == pytest.approx(w.layer_scores, rel=1e-4, abs=1e-6)
         assert g.stats.kv_bytes_after_prefill == w.stats.kv_bytes_after_prefill
 
 
@@ -38,12 +40,12 @@ def test_prefill_batch_results_match_single_prefill():
     """The runner level: per-prompt logits and cached K/V of a padded batch equal single prefills."""
     model = tiny_model("llama", layers=4)
     engine = Engine(model, _Ids(), lazy=LAZY, runner="reference")
-    runner = ReferenceRunner(engine.adapter, engine.backend, LAZY.sink, LAZY.window, None)
+    runner = ReferenceRunner(engine.adapter, engine.backend, None)
     prompts = [torch.tensor(p) for p in _prompts(1, (50, 29, 64))]
     policies = lambda: [make_policy(LAZY, 4, 2) for _ in prompts]  # noqa: E731
-    batch = runner.prefill_batch([(ids, pol, 3) for ids, pol in zip(prompts, policies())], LAZY.probe)
+    batch = runner.prefill(prefill_requests(engine.backend, prompts, policies(), LAZY, 3))
     for ids, pol, res in zip(prompts, policies(), batch):
-        one = runner.prefill(ids, pol, LAZY.probe, 3)
+        one, = runner.prefill(prefill_requests(engine.backend, [ids], [pol], LAZY, 3))
         torch.testing.assert_close(res.logits, one.logits, rtol=1e-4, atol=1e-4)
         assert res.lazy_layers == one.lazy_layers and res.kv_bytes == one.kv_bytes
         for a, b in zip(res.handle.layers, one.handle.layers):
@@ -52,14 +54,15 @@ def test_prefill_batch_results_match_single_prefill():
             torch.testing.assert_close(a.v, b.v, rtol=1e-4, atol=1e-5)
         runner.release(one.handle)
         runner.release(res.handle)
-    assert runner.kv_bytes == 0
+    assert runner.used == 0
 
 
 def test_prefill_groups_respect_cap_and_padding():
     model = tiny_model("llama", layers=2)
     engine = Engine(model, _Ids(), lazy=None, runner="reference", max_prefill_tokens=100)
-    seqs = [_Seq(list(range(n)), 2) for n in (10, 30, 9, 25, 24, 8, 200, 10, 10, 10, 10)]
-    groups = engine._prefill_groups(seqs)
+    seqs = [Sequence(f"r{i}", list(range(n)), SamplingParams(), LAZY, 2)
+            for i, n in enumerate((10, 30, 9, 25, 24, 8, 200, 10, 10, 10, 10))]
+    groups = engine.scheduler.prefill_groups(seqs)
     assert sorted(len(s.prompt) for g in groups for s in g) == sorted(len(s.prompt) for s in seqs)
     for g in groups:
         longest = max(len(s.prompt) for s in g)
@@ -78,10 +81,10 @@ def test_batched_prefill_stays_within_a_budget():
     budget = 300 * 1024  # 4 of these prompts at a time (72 KiB each at worst)
     engine = Engine(model, _Ids(), lazy=lazy, runner="paged", block_size=16, kv_budget=budget)
     alone = [engine.generate(p, max_new_tokens=6) for p in prompts]
-    free = engine.last_stats["pool_free_after"]
+    assert engine.last_stats["kv_used_after"] == 0
     outs = engine.generate(prompts, max_new_tokens=6)
     assert engine.last_stats["peak_kv_bytes"] <= budget
-    assert engine.last_stats["pool_free_after"] == free
+    assert engine.last_stats["kv_used_after"] == 0
     assert 1 < max(o.stats.prefill_batch for o in outs) < len(prompts)  # the budget split the batch
     assert [o.token_ids for o in outs] == [a.token_ids for a in alone]
 
@@ -100,7 +103,7 @@ def test_failed_batch_prefill_gives_back_all_kv(runner):
     engine = Engine(model, _Ids(), lazy=LAZY, runner=runner, block_size=8, kv_budget="1MiB")
     prompts = _prompts(2, (40, 37, 39))
     engine.generate(prompts, max_new_tokens=2)  # builds the runner (and its pool)
-    run = next(iter(engine._runners.values()))
+    run = engine.runner
     free = run.free
 
     class Boom(RuntimeError):
@@ -113,7 +116,7 @@ def test_failed_batch_prefill_gives_back_all_kv(runner):
         return out
 
     with pytest.raises(Boom, match="layer 2"):
-        run.prefill_batch([(torch.tensor(p), pol, 2) for p, pol in zip(prompts, policies())], LAZY.probe)
-    assert run.free == free and run.kv_bytes == 0
+        run.prefill(prefill_requests(engine.backend, [torch.tensor(p) for p in prompts], policies(), LAZY, 2))
+    assert run.free == free and run.used == 0
     outs = engine.generate(prompts, max_new_tokens=2)
     assert all(o.finish_reason == "length" for o in outs)

@@ -1,12 +1,13 @@
 """Shared-prefill harness: one prefill per prompt, then every lazy config decoded from copies of it.
 
 Prefill is the same for every policy (all layers attend fully while the prompt is processed; a policy
-only chooses which caches are truncated afterwards), so ``shared_prefill`` runs ``runner.prefill``'s
-layer loop once, keeps every layer's full KV and the last ``max_probe`` rotated queries, and
-``SharedPrefill`` then answers, per ``LazyConfig``: the lazy ratios (``lazy.lazy_ratio`` on those
-queries, the same call the runner makes), the demoted layers (the policy object run over the ratios
-in layer order), and a ``SequenceKV`` built from copies with ``cache.demote``. ``greedy`` and
-``teacher_forced_nll`` decode through ``runner.decode_step``. ``tests/test_eval.py`` checks that
+only chooses which caches are truncated afterwards), so ``shared_prefill`` runs the runners' own
+``LayerMajorPrefill`` once with a store that keeps every layer's full KV and a hook that keeps the
+last ``max_probe`` rotated queries, and ``SharedPrefill`` then answers, per ``LazyConfig``: the layer
+scores (the backend's scorer on those queries, the same call the runner makes), the demoted layers
+(the policy object run over the scores in layer order), and a ``SequenceKV`` built from copies with
+``memory.cache.demote``. ``greedy`` and ``teacher_forced_nll`` decode through the reference runner's
+``decode_step``. ``tests/test_eval.py`` checks that
 tokens and lazy layers equal ``Engine.generate``'s for the same config.
 """
 from __future__ import annotations
@@ -16,14 +17,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..cache import FullKV, KVMeter, SequenceKV, demote
 from ..config import LazyConfig
-from ..lazy import SCORERS, make_policy
+from ..kernels import get_backend
+from ..lazy import FullPolicy, make_policy
+from ..memory.cache import FullKV, KVMeter, SequenceKV, demote
 from ..models import DecoderAdapter
-from ..runner import decode_step, prefill_attention
-
-# hook(layer, q, k) with q [T, H_q, D], k [T, H_kv, D] of the whole prompt (rotated), for studies
-LayerHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+from ..runners.base import LayerHook, LayerMajorPrefill, PrefillJob
+from ..runners.reference import decode_step
 
 
 @dataclass
@@ -42,13 +42,13 @@ class SharedPrefill:
         return len(self.full)
 
     def ratios(self, sink: int, window: int, probe: int, score: str = "ratio") -> list[float]:
-        """Every layer's score (``lazy.SCORERS[score]``), computed exactly as ``runner.prefill`` does."""
+        """Every layer's score (the backend's ``scorer(score)``), computed exactly as the runners do."""
         key = (sink, window, probe, score)
         if key not in self._ratios:
             p = min(probe, len(self.ids))
             if p > self.q_tail[0].shape[0]:
                 raise ValueError(f"probe {probe} exceeds the {self.q_tail[0].shape[0]} queries kept (max_probe)")
-            fn = SCORERS[score]
+            fn = get_backend(self.adapter.device).scorer(score)
             self._ratios[key] = [fn(q[-p:].transpose(0, 1), c.k.transpose(0, 1), sink, window, self.adapter.scale)
                                  for q, c in zip(self.q_tail, self.full)]
         return self._ratios[key]
@@ -85,28 +85,39 @@ class SharedPrefill:
         self.full, self.q_tail = [], []
 
 
-@torch.inference_mode()
+class _KeepAll:
+    """A KVStore that keeps every layer's full KV (no policy ever demotes here)."""
+
+    def __init__(self, n_layers: int):
+        self.meter = KVMeter()
+        self.layers: list = [None] * n_layers
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, lazy: bool) -> None:
+        self.layers[layer] = FullKV(k, v, self.meter)
+
+    def demote(self, layer: int) -> None:
+        raise AssertionError("shared_prefill keeps every layer full")
+
+
 def shared_prefill(adapter: DecoderAdapter, ids: Sequence[int], max_probe: int = 64,
                    hook: LayerHook | None = None) -> SharedPrefill:
-    """``runner.prefill``'s layer loop with no demotion: full KV of every layer and the last
-    ``max_probe`` queries kept (same adapter calls, so the same numbers)."""
-    t = len(ids)
+    """The runners' layer-major prefill with no demotion: full KV of every layer and the last
+    ``max_probe`` queries kept (the same loop and adapter calls, so the same numbers)."""
+    t, n = len(ids), adapter.shape.num_layers
     x = torch.tensor(list(ids), dtype=torch.long, device=adapter.device)
-    h = adapter.embed(x.view(1, t))
-    cos, sin = adapter.rope(h, torch.arange(t, device=x.device).view(1, t))
-    meter = KVMeter()
-    full, q_tail = [], []
+    store, q_tail = _KeepAll(n), []
     p = min(max_probe, t)
-    for i in range(adapter.shape.num_layers):
-        q, k, v = adapter.qkv(i, h, cos, sin)
+
+    def keep(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         if hook is not None:
-            hook(i, q[0], k[0])
-        q_tail.append(q[0, -p:].clone())
-        o = prefill_attention(q, k, v, adapter.scale)
-        h = adapter.finish_layer(i, h, o.reshape(1, t, -1))
-        full.append(FullKV(k[0], v[0], meter))
-        del q, k, v, o
-    return SharedPrefill(adapter, list(ids), adapter.logits(h[:, -1])[0], full, q_tail)
+            hook(layer, q, k)
+        q_tail.append(q[-p:].clone())
+
+    loop = LayerMajorPrefill(adapter, [PrefillJob(x, FullPolicy(n, n), store, 1, 1, p, None)], hook=keep)
+    loop.advance()
+    with torch.inference_mode():
+        logits = adapter.logits(loop.last_hidden())[0]
+    return SharedPrefill(adapter, list(ids), logits, store.layers, q_tail)
 
 
 @torch.inference_mode()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kernels.reference import ring_slot
+from ..kernels.reference import ring_slot
 
 
 @dataclass

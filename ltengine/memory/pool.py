@@ -2,8 +2,9 @@
 
 A block holds ``block_size`` tokens of one layer of one sequence, all KV heads: the pool tensors are
 ``[num_blocks, block_size, H_kv, D]`` (token-major inside a block, like the contiguous caches). A
-full layer owns ``ceil((prompt + max_new_tokens) / block_size)`` blocks from admission to finish; a
-lazy layer owns ``ceil(min(that, sink + window) / block_size)``. Truncation hands blocks back at once.
+full layer owns ``ceil(tokens / block_size)`` blocks and gains one more as decode crosses a block
+boundary; a lazy layer owns at most ``ceil((sink + window) / block_size)``. Truncation, finishing and
+preemption hand blocks back at once.
 """
 from __future__ import annotations
 
@@ -15,11 +16,16 @@ class PoolExhausted(RuntimeError):
 
 
 class KVPool:
+    """``num_blocks`` K and V blocks. ``growable``: an unbounded pool (no ``kv_budget`` on CPU) that
+    doubles its tensors when it runs out, instead of raising; never used under CUDA graphs, whose
+    captured kernels hold the tensors' addresses."""
+
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, growable: bool = False):
         if num_blocks < 1:
             raise ValueError(f"a KV pool needs at least one block, got {num_blocks}")
         self.block_size = block_size
+        self.growable = growable
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
@@ -53,10 +59,19 @@ class KVPool:
 
     def alloc(self, n: int) -> list[int]:
         if n > len(self._free):
-            raise PoolExhausted(f"KV pool has {len(self._free)} free blocks, {n} requested")
+            if not self.growable:
+                raise PoolExhausted(f"KV pool has {len(self._free)} free blocks, {n} requested")
+            self._grow(max(self.num_blocks, n - len(self._free)))
         out = [self._free.pop() for _ in range(n)]
         self.peak_used = max(self.peak_used, self.used_blocks)
         return out
 
     def free(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
+
+    def _grow(self, extra: int) -> None:
+        old = self.num_blocks
+        self.k = torch.cat([self.k, self.k.new_empty((extra, *self.k.shape[1:]))])
+        self.v = torch.cat([self.v, self.v.new_empty((extra, *self.v.shape[1:]))])
+        self.num_blocks = old + extra
+        self._free = list(range(self.num_blocks - 1, old - 1, -1)) + self._free

@@ -1,0 +1,263 @@
+"""The runner protocol the scheduler sees, and the one layer-major prefill every runner uses.
+
+A runner owns the KV of its sequences and executes the model: ``start_prefill`` (a resumable
+layer-major prefill of a batch of prompts), ``decode`` (one token for every running sequence),
+``grow`` (room for more tokens), ``swap_out`` / ``swap_in`` (preemption), ``release``. Its budget unit
+is bytes: ``capacity`` (None = unbounded), ``used``, ``free``, ``peak``, and ``footprint(tokens,
+n_full)``, the bytes a sequence of that many tokens holds with ``n_full`` full layers.
+
+``LayerMajorPrefill`` runs prompts through layer 0, then 1, ... and writes each layer's KV through
+a ``KVStore`` (``store`` / ``demote``), so the same loop serves the reference runner, the paged
+runner and the evaluation harness.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..lazy import LayerPolicy
+from ..models import DecoderAdapter
+
+try:  # optional: flash-attn's prefill kernel when it is installed
+    from flash_attn import flash_attn_func as _flash_attn_func
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _flash_attn_func = None
+
+# scorer(q [H_q, P, D], k [H_kv, T, D], sink, window, scale) -> float, higher = lazier (Backend.scorer)
+Scorer = Callable[[torch.Tensor, torch.Tensor, int, int, float], float]
+# hook(layer, q, k) with q [T, H_q, D], k [T, H_kv, D] of one prompt (rotated), for studies and the harness
+LayerHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention over a whole prompt. q ``[B, T, H_q, D]``, k/v ``[B, T, H_kv, D]`` -> ``[B, T, H_q, D]``.
+
+    flash-attn when importable (CUDA, fp16/bf16), else PyTorch SDPA (which picks its own fused kernel).
+    """
+    if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash_attn_func(q, k, v, causal=True, softmax_scale=scale)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+class KVStore(Protocol):
+    """Where one prompt's prefill writes its KV."""
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, lazy: bool) -> None:
+        """Keep layer ``layer``'s prompt KV ``[T, H_kv, D]``: all of it, or (``lazy``) sink + window only."""
+
+    def demote(self, layer: int) -> None:
+        """Truncate an already stored full layer to sink + window, in place, freeing the rest."""
+
+
+@dataclass
+class PrefillJob:
+    """One prompt of a layer-major prefill: tokens, its own lazy-layer queue, where its KV goes, and
+    how its layers are scored (``scorer`` None: unscored, for policies that need no scores)."""
+
+    ids: torch.Tensor  # [T]
+    policy: LayerPolicy
+    kv: KVStore
+    sink: int
+    window: int
+    probe: int
+    scorer: Scorer | None
+
+
+class LayerMajorPrefill:
+    """Prompts through the model one layer at a time, resumable between layers (``advance``).
+
+    Several prompts go through each layer together, right-padded to the longest: attention is causal,
+    so a prompt's tokens never see the padding after them, and only each prompt's own rows are
+    scored, stored and read out. Per prompt, after layer l is computed and scored, its policy names
+    layers to demote; those already stored are truncated *before* layer l is stored, so no queue ever
+    holds more than its capacity: the one layer in flight is the activations.
+    """
+
+    def __init__(self, adapter: DecoderAdapter, jobs: Sequence[PrefillJob], hook: LayerHook | None = None):
+        self.adapter, self.jobs, self.hook = adapter, list(jobs), hook
+        self.lengths = [job.ids.shape[0] for job in jobs]
+        b, t = len(jobs), max(self.lengths)
+        dev = jobs[0].ids.device
+        ids = torch.zeros((b, t), dtype=torch.long, device=dev)
+        for n, job in enumerate(jobs):
+            ids[n, :self.lengths[n]] = job.ids
+        with torch.inference_mode():
+            self.h = adapter.embed(ids)
+            self.cos, self.sin = adapter.rope(self.h, torch.arange(t, device=dev).expand(b, t))
+        self.scores: list[list[float]] = [[] for _ in jobs]
+        self.layer = 0
+        self._finished = False  # the policies' end-of-prefill demotions ran
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.shape.num_layers
+
+    @property
+    def done(self) -> bool:
+        return self.layer >= self.num_layers
+
+    @torch.inference_mode()
+    def advance(self, layers: int | None = None) -> bool:
+        """Run the next ``layers`` layers (None: all that are left); True once every layer ran."""
+        a = self.adapter
+        stop = self.num_layers if layers is None else min(self.num_layers, self.layer + layers)
+        b, t = self.h.shape[:2]
+        while self.layer < stop:
+            i = self.layer
+            q, k, v = a.qkv(i, self.h, self.cos, self.sin)
+            for n, (job, length) in enumerate(zip(self.jobs, self.lengths)):
+                if self.hook is not None:
+                    self.hook(i, q[n, :length], k[n, :length])
+                if job.scorer is not None:
+                    p = min(job.probe, length)
+                    self.scores[n].append(job.scorer(q[n, length - p:length].transpose(0, 1),
+                                                     k[n, :length].transpose(0, 1), job.sink, job.window, a.scale))
+            o = prefill_attention(q, k, v, a.scale)
+            self.h = a.finish_layer(i, self.h, o.reshape(b, t, -1))
+            del q, o
+            for n, (job, length) in enumerate(zip(self.jobs, self.lengths)):
+                now = job.policy.observe(i, self.scores[n][-1] if job.scorer is not None else 0.0)
+                for j in now:
+                    if j != i:
+                        job.kv.demote(j)
+                job.kv.store(i, k[n, :length], v[n, :length], i in now)
+            del k, v
+            self.layer += 1
+        if self.done and not self._finished:
+            for job in self.jobs:
+                for j in job.policy.finish():
+                    job.kv.demote(j)
+            self._finished = True
+        return self.done
+
+    def last_hidden(self) -> torch.Tensor:
+        """Each prompt's hidden state after its last token, ``[B, hidden]`` (after every layer ran)."""
+        last = torch.tensor([n - 1 for n in self.lengths], device=self.h.device)
+        return self.h[torch.arange(len(self.jobs), device=self.h.device), last]
+
+
+@dataclass
+class PrefillRequest:
+    """What the scheduler asks a runner to prefill for one sequence."""
+
+    ids: torch.Tensor  # [T]
+    policy: LayerPolicy
+    sink: int
+    window: int
+    probe: int
+    scorer: Scorer | None
+    reserve: int  # decode tokens to make room for at once (more come through ``grow``)
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor  # [V] fp32, the next-token distribution after the prompt
+    scores: list[float]  # every layer's score (empty when not scored)
+    lazy_layers: list[int]  # demoted layers, sorted
+    kv_bytes: int  # this sequence's KV right after prefill
+    handle: object  # the runner's per-sequence state
+
+
+class PrefillTask:
+    """A runner's prefill in progress: ``advance(layers)`` until ``done``, then ``results()``. Any
+    failure (an out-of-memory error included) releases what the batch stored and re-raises, so the
+    runner stays whole."""
+
+    def __init__(self, runner: "Runner", loop: LayerMajorPrefill, handles: list, finish: Callable[[list], list]):
+        self.runner, self.loop, self.handles, self._finish = runner, loop, handles, finish
+
+    @property
+    def done(self) -> bool:
+        return self.loop.done
+
+    def advance(self, layers: int | None = None) -> bool:
+        try:
+            return self.loop.advance(layers)
+        except BaseException:
+            self.abort()
+            raise
+
+    def results(self) -> list[PrefillResult]:
+        try:
+            with torch.inference_mode():
+                logits = self.loop.adapter.logits(self.loop.last_hidden())
+            return self._finish(logits)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for handle in self.handles:
+            self.runner.release(handle)
+        self.handles = []
+
+
+class Runner(ABC):
+    """Executes the model over KV it owns; every quantity of memory is in bytes."""
+
+    name = "base"
+    capacity: int | None  # KV bytes it may hold (None: unbounded)
+
+    @property
+    @abstractmethod
+    def used(self) -> int:
+        """KV bytes held now."""
+
+    @property
+    def free(self) -> int | None:
+        return None if self.capacity is None else self.capacity - self.used
+
+    @property
+    @abstractmethod
+    def peak(self) -> int:
+        """Most KV bytes held at once since ``reset_peak``."""
+
+    @abstractmethod
+    def reset_peak(self) -> None: ...
+
+    @abstractmethod
+    def footprint(self, tokens: int, n_full: int, sink: int, window: int, demotes: bool = True) -> int:
+        """Bytes a sequence of ``tokens`` tokens holds at its peak with ``n_full`` full layers and the
+        rest at sink + window (``demotes``: some layer is stored full, then truncated)."""
+
+    @abstractmethod
+    def start_prefill(self, requests: Sequence[PrefillRequest]) -> PrefillTask: ...
+
+    def prefill(self, requests: Sequence[PrefillRequest]) -> list[PrefillResult]:
+        """A whole prefill at once."""
+        task = self.start_prefill(requests)
+        task.advance()
+        return task.results()
+
+    @abstractmethod
+    def grow_need(self, handle, tokens: int) -> int:
+        """Free bytes ``grow(handle, tokens)`` needs (0: it already has room)."""
+
+    @abstractmethod
+    def grow(self, handle, tokens: int) -> None:
+        """Room for ``tokens`` tokens in every layer (a lazy layer: up to sink + window)."""
+
+    @abstractmethod
+    def decode(self, handles: list, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence (``[B]`` ids at ``[B]`` positions); next-token logits ``[B, V]``."""
+
+    @abstractmethod
+    def release(self, handle) -> None: ...
+
+    @abstractmethod
+    def swap_out(self, handle):
+        """Move a sequence's KV to host memory, freeing its share of the budget; returns the host copy."""
+
+    @abstractmethod
+    def swap_in_need(self, swapped) -> int:
+        """Bytes ``swap_in`` takes."""
+
+    @abstractmethod
+    def swap_in(self, swapped):
+        """Bring a swapped sequence back; returns its new handle."""

@@ -1,0 +1,307 @@
+"""PagedRunner: every layer's KV of every sequence in one block pool; one decode launch per layer.
+
+Per sequence and layer, a list of pool blocks in slot order. A full layer's slot p is position p; a
+lazy layer's slot is ``ring_slot(p, sink, window)``. A sequence is admitted with room for its prompt
+and a block of decode tokens, and ``grow`` adds blocks as decode crosses block boundaries. Decode
+builds, once per batch change, tensors ``tables [L, B, MB]``, ``lazy [L, B]`` and per-row sink and
+window on the device (grown blocks are patched in); each step then computes write slots, the valid
+prefix of each cache and the attention on the device with no host sync inside the step, and can be
+captured in a CUDA graph per batch-size bucket.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..kernels import fused
+from ..memory.pool import KVPool
+from ..models import DecoderAdapter
+from .base import LayerMajorPrefill, PrefillJob, PrefillRequest, PrefillResult, PrefillTask, Runner
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass(eq=False)
+class PagedSeq:
+    """One sequence's blocks: ``blocks[l]`` in slot order; ``lazy[l]`` whether layer l is sink + window."""
+
+    sink: int
+    window: int
+    blocks: list[list[int]] = field(default_factory=list)
+    lazy: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class _Swapped:
+    seq: PagedSeq  # its block lists hold the block counts; k/v the data
+    k: list[torch.Tensor]  # per layer [n_blocks, BS, H_kv, D] on the host
+    v: list[torch.Tensor]
+
+
+class _Store:
+    """KVStore of one prompt in the pool."""
+
+    def __init__(self, runner: "PagedRunner", seq: PagedSeq, length: int, room: int):
+        self.r, self.seq, self.length, self.room = runner, seq, length, room
+        self.ring = min(room, seq.sink + seq.window)
+
+    def _rows(self, blocks: list[int], slots: torch.Tensor) -> torch.Tensor:
+        """Flat pool row of each slot of a block list."""
+        bs = self.r.pool.block_size
+        table = torch.tensor(blocks, dtype=torch.long, device=slots.device)
+        return table[slots // bs] * bs + slots % bs
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, lazy: bool) -> None:
+        pool, seq, t = self.r.pool, self.seq, self.length
+        blocks = pool.alloc(pool.blocks_for(self.ring if lazy else self.room))
+        flat_k, flat_v = self.r.flat()  # after alloc: a growable pool may have moved
+        if lazy:  # stored straight as sink + window: positions kept, written into their ring slots
+            sink, window = seq.sink, seq.window
+            pos = torch.cat([torch.arange(min(t, sink), device=k.device),
+                             torch.arange(max(sink, t - window), max(sink, t), device=k.device)])
+            slots = torch.where(pos < sink, pos, sink + (pos - sink) % window)
+            rows = self._rows(blocks, slots)
+            flat_k.index_copy_(0, rows, k.index_select(0, pos))
+            flat_v.index_copy_(0, rows, v.index_select(0, pos))
+        else:
+            rows = self._rows(blocks, torch.arange(t, device=k.device))
+            flat_k.index_copy_(0, rows, k)
+            flat_v.index_copy_(0, rows, v)
+        seq.blocks[layer], seq.lazy[layer] = blocks, lazy
+
+    def demote(self, layer: int) -> None:
+        """In place (the backend's ``paged_truncate_``), then the tail blocks go back to the pool."""
+        seq, pool = self.seq, self.r.pool
+        blocks = seq.blocks[layer]
+        if self.length > seq.sink + seq.window:
+            dev = pool.k.device
+            table = torch.tensor([blocks], dtype=torch.int32, device=dev)
+            lengths = torch.tensor([self.length], dtype=torch.int32, device=dev)
+            self.r.backend.paged_truncate_(pool.k, pool.v, table, lengths, seq.sink, seq.window)
+        keep = pool.blocks_for(self.ring)
+        pool.free(blocks[keep:])
+        seq.blocks[layer], seq.lazy[layer] = blocks[:keep], True
+
+
+class PagedRunner(Runner):
+    name = "paged"
+
+    def __init__(self, adapter: DecoderAdapter, backend, pool: KVPool, graphs: bool | None = None,
+                 fused_step: bool = True):
+        self.adapter, self.backend, self.pool = adapter, backend, pool
+        s = adapter.shape
+        self.scratch = pool.alloc(1)[0]  # padded batch rows write here, never into a live block
+        self.capacity = None if pool.growable else (pool.num_blocks - 1) * pool.bytes_per_block
+        self.max_blocks = max(1, pool.blocks_for(min(s.max_context, pool.num_blocks * pool.block_size)))
+        self.graphs = (pool.k.device.type == "cuda" and not pool.growable) if graphs is None else graphs
+        # fused decode kernels (CUDA, fp16/bf16); the HF modules otherwise
+        self.fused = adapter.fused_weights() if fused_step and fused.available(pool.k.device, pool.k.dtype) else None
+        self.attn_name = backend.impl_for("paged_decode", pool.k.dtype, s.head_dim)
+        self._batch: tuple | None = None
+        self._dirty: list[tuple[PagedSeq, int, int, int]] = []  # (seq, layer, index, block) grown since
+        self._static: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ budget
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool as ``[blocks * block_size, H_kv, D]`` rows (a view; a growable pool may move)."""
+        k, v = self.pool.k, self.pool.v
+        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+    @property
+    def used(self) -> int:
+        return (self.pool.used_blocks - 1) * self.pool.bytes_per_block
+
+    @property
+    def peak(self) -> int:
+        return (self.pool.peak_used - 1) * self.pool.bytes_per_block
+
+    def reset_peak(self) -> None:
+        self.pool.peak_used = self.pool.used_blocks
+
+    def decode_reserve(self, max_new: int) -> int:
+        return min(max_new, self.pool.block_size)  # admitted by need: one block of decode room, then grow
+
+    def footprint(self, tokens: int, n_full: int, sink: int, window: int, demotes: bool = True) -> int:
+        lazy = self.adapter.shape.num_layers - n_full
+        blocks = n_full * self.pool.blocks_for(tokens) + lazy * self.pool.blocks_for(min(tokens, sink + window))
+        return blocks * self.pool.bytes_per_block
+
+    # ------------------------------------------------------------------ prefill
+    def start_prefill(self, requests: Sequence[PrefillRequest]) -> PrefillTask:
+        n_layers = self.adapter.shape.num_layers
+        seqs = [PagedSeq(r.sink, r.window, [[] for _ in range(n_layers)], [False] * n_layers) for r in requests]
+        jobs = [PrefillJob(r.ids, r.policy, _Store(self, seq, r.ids.shape[0], r.ids.shape[0] + r.reserve),
+                           r.sink, r.window, r.probe, r.scorer) for r, seq in zip(requests, seqs)]
+        bpb = self.pool.bytes_per_block
+
+        def finish(logits: torch.Tensor) -> list[PrefillResult]:
+            self._batch = None
+            return [PrefillResult(logits[n], list(loop.scores[n]), [i for i, z in enumerate(seq.lazy) if z],
+                                  sum(len(b) for b in seq.blocks) * bpb, seq) for n, seq in enumerate(seqs)]
+
+        loop = LayerMajorPrefill(self.adapter, jobs)
+        return PrefillTask(self, loop, seqs, finish)
+
+    def release(self, seq: PagedSeq) -> None:
+        for blocks in seq.blocks:
+            self.pool.free(blocks)
+        seq.blocks = []
+        self._batch = None
+
+    # ------------------------------------------------------------------ growth and preemption
+    def _missing(self, seq: PagedSeq, tokens: int) -> list[int]:
+        ring = seq.sink + seq.window
+        return [max(0, self.pool.blocks_for(min(tokens, ring) if lazy else tokens) - len(blocks))
+                for blocks, lazy in zip(seq.blocks, seq.lazy)]
+
+    def grow_need(self, seq: PagedSeq, tokens: int) -> int:
+        return sum(self._missing(seq, tokens)) * self.pool.bytes_per_block
+
+    def grow(self, seq: PagedSeq, tokens: int) -> None:
+        missing = self._missing(seq, tokens)
+        new = iter(self.pool.alloc(sum(missing)))
+        for layer, n in enumerate(missing):
+            for _ in range(n):
+                blk = next(new)
+                self._dirty.append((seq, layer, len(seq.blocks[layer]), blk))
+                seq.blocks[layer].append(blk)
+
+    def swap_out(self, seq: PagedSeq) -> _Swapped:
+        ks, vs = [], []
+        for blocks in seq.blocks:
+            idx = torch.tensor(blocks, dtype=torch.long, device=self.pool.k.device)
+            ks.append(self.pool.k.index_select(0, idx).to("cpu"))
+            vs.append(self.pool.v.index_select(0, idx).to("cpu"))
+        swapped = _Swapped(PagedSeq(seq.sink, seq.window, [list(b) for b in seq.blocks], list(seq.lazy)), ks, vs)
+        self.release(seq)
+        return swapped
+
+    def swap_in_need(self, swapped: _Swapped) -> int:
+        return sum(len(b) for b in swapped.seq.blocks) * self.pool.bytes_per_block
+
+    def swap_in(self, swapped: _Swapped) -> PagedSeq:
+        seq = swapped.seq
+        dev = self.pool.k.device
+        seq.blocks = [self.pool.alloc(len(b)) for b in seq.blocks]
+        for blocks, k, v in zip(seq.blocks, swapped.k, swapped.v):
+            idx = torch.tensor(blocks, dtype=torch.long, device=dev)
+            self.pool.k.index_copy_(0, idx, k.to(dev))
+            self.pool.v.index_copy_(0, idx, v.to(dev))
+        self._batch = None
+        return seq
+
+    # ------------------------------------------------------------------ decode
+    def _bucket(self, b: int) -> int:
+        return next((x for x in BUCKETS if x >= b), b)
+
+    def _state(self, seqs: list[PagedSeq], bucket: int) -> dict:
+        """Device tensors for this batch, padded to ``bucket`` rows (pad rows use the scratch block)."""
+        n_layers = self.adapter.shape.num_layers
+        tables = torch.full((n_layers, bucket, self.max_blocks), self.scratch, dtype=torch.int32)
+        lazy = torch.zeros((n_layers, bucket), dtype=torch.bool)
+        sink = torch.ones(bucket, dtype=torch.long)
+        window = torch.ones(bucket, dtype=torch.long)
+        for b, seq in enumerate(seqs):
+            sink[b], window[b] = seq.sink, seq.window
+            for layer, blocks in enumerate(seq.blocks):
+                tables[layer, b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+                lazy[layer, b] = seq.lazy[layer]
+        dev = self.pool.k.device
+        return {"tables": tables.to(dev), "lazy": lazy.to(dev), "sink": sink.to(dev), "window": window.to(dev)}
+
+    def _step(self, st: dict) -> torch.Tensor:
+        """One decode step on static tensors: ``tokens``/``pos`` ``[Bk]`` -> writes ``logits``."""
+        a, bs = self.adapter, self.pool.block_size
+        pos, tables, lazy, sink, window = st["pos"], st["tables"], st["lazy"], st["sink"], st["window"]
+        b = pos.shape[0]
+        slot = torch.where(lazy & (pos >= sink), sink + (pos - sink) % window, pos)  # [L, Bk]: ring_slot
+        blk = torch.gather(tables, 2, (slot // bs).to(torch.int64).unsqueeze(-1)).squeeze(-1).long()
+        row = blk * bs + slot % bs
+        n_valid = torch.where(lazy, torch.minimum(pos + 1, sink + window), pos + 1).to(torch.int32)
+        flat_k, flat_v = self.flat()
+        h = a.embed(st["tokens"].view(b, 1))
+        cos, sin = a.rope(h, pos.view(b, 1))
+        if self.fused is not None:
+            return self._step_fused(st, h[:, 0], cos[:, 0], sin[:, 0], row, tables, n_valid, flat_k, flat_v)
+        for i in range(a.shape.num_layers):
+            q, k, v = a.qkv(i, h, cos, sin)
+            flat_k.index_copy_(0, row[i], k[:, 0])
+            flat_v.index_copy_(0, row[i], v[:, 0])
+            o = self.backend.paged_decode(q[:, 0], self.pool.k, self.pool.v, tables[i], n_valid[i], a.scale)
+            h = a.finish_layer(i, h, o.reshape(b, 1, -1))
+        st["logits"].copy_(a.logits(h[:, -1]))
+        return st["logits"]
+
+    def _step_fused(self, st, x, cos, sin, row, tables, n_valid, flat_k, flat_v) -> torch.Tensor:
+        """The decode step with merged projections and fused elementwise kernels: per layer two
+        norms, three GEMMs, one RoPE + KV-store kernel, the attention and the gated MLP."""
+        a, shape = self.adapter, self.adapter.shape
+        h_q, h_kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        layers = self.fused
+        b = x.shape[0]
+        eps = layers[0]["ln1"].variance_epsilon
+        normed, resid = fused.add_rmsnorm(x, None, layers[0]["ln1"].weight, eps)
+        for i, w in enumerate(layers):
+            qkv = torch.nn.functional.linear(normed, w["qkv_w"], w["qkv_b"])
+            q = fused.rope_store(qkv, cos, sin, h_q, h_kv, d, flat_k, flat_v, row[i], w["qn"], w["kn"], eps)
+            o = self.backend.paged_decode(q, self.pool.k, self.pool.v, tables[i], n_valid[i], a.scale)
+            o = w["o"](o.reshape(b, -1))
+            normed, resid = fused.add_rmsnorm(o, resid, w["ln2"].weight, eps)
+            m = w["down"](fused.silu_mul(torch.nn.functional.linear(normed, w["gate_up_w"])))
+            nxt = layers[i + 1]["ln1"].weight if i + 1 < len(layers) else a.inner.norm.weight
+            normed, resid = fused.add_rmsnorm(m, resid, nxt, eps)
+        st["logits"].copy_(a.model.lm_head(normed).float())
+        return st["logits"]
+
+    def _static_for(self, bucket: int) -> dict:
+        st = self._static.get(bucket)
+        if st is None:
+            dev = self.pool.k.device
+            st = {"tokens": torch.zeros(bucket, dtype=torch.long, device=dev),
+                  "pos": torch.zeros(bucket, dtype=torch.long, device=dev),
+                  "logits": torch.zeros(bucket, self.adapter.vocab_size, dtype=torch.float32, device=dev),
+                  "graph": None}
+            st.update(self._state([], bucket))
+            self._static[bucket] = st
+        return st
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[PagedSeq], tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b = len(seqs)
+        bucket = self._bucket(b)
+        st = self._static_for(bucket)
+        key = (bucket, tuple(id(s) for s in seqs))
+        if self._batch != key:
+            fresh = self._state(seqs, bucket)
+            for name in ("tables", "lazy", "sink", "window"):
+                st[name].copy_(fresh[name])
+            self._batch = key
+        elif self._dirty:  # blocks grown since the tables were built: patch them in
+            rows = {id(s): r for r, s in enumerate(seqs)}
+            patch = [(layer, rows[id(s)], j, blk) for s, layer, j, blk in self._dirty if id(s) in rows]
+            if patch:
+                idx = torch.tensor(patch, dtype=torch.long).t()
+                st["tables"][idx[0].to(st["tables"].device), idx[1].to(st["tables"].device),
+                             idx[2].to(st["tables"].device)] = idx[3].to(device=st["tables"].device,
+                                                                         dtype=torch.int32)
+        self._dirty.clear()
+        st["tokens"].zero_()
+        st["pos"].zero_()
+        st["tokens"][:b].copy_(tokens)
+        st["pos"][:b].copy_(positions)
+        if not self.graphs:
+            return self._step(st)[:b]
+        if st["graph"] is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._step(st)  # warm-up: compiles the Triton kernels outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(st)
+            st["graph"] = graph
+        st["graph"].replay()
+        return st["logits"][:b]
