@@ -50,12 +50,8 @@ def _extension_setup() -> dict:
         os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
     )
     want_cuda = torch.cuda.is_available() or os.environ.get("LTENGINE_CUDA") == "1"
-    # The libstdc++ ABI of torch's own build, said explicitly: recent BuildExtension no longer passes it,
-    # and a compiler whose default differs builds std::string-passing calls (TORCH_CHECK's message) that
-    # crash inside torch when a check fails.
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(getattr(torch._C, '_GLIBCXX_USE_CXX11_ABI', True))}"
-    cxx = ["-O3", abi]  # BuildExtension picks the C++ standard that matches torch
-    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", abi]
+    cxx = ["-O3"]  # BuildExtension picks the C++ standard that matches torch
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr"]
     if os.environ.get("LTENGINE_PTXAS_VERBOSE") == "1":
         nvcc_flags.append("-Xptxas=-v")
     if want_cuda and nvcc and torch.version.cuda is not None:

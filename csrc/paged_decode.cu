@@ -20,8 +20,8 @@
 //    kernel: the reduction index of Q.K^T and the output columns of P.V are permuted so that each
 //    thread's fragments are 8 consecutive d), with rotating prefetch: the next 16-key block's K is
 //    requested as soon as S = Q K^T consumed this block's K, the next V once P V consumed this V. On the
-//    contiguous cache this reached 99.7% of copy bandwidth; a cp.async shared-memory ring measured the
-//    same within 1.5% and was dropped (bench/KERNELS_NOTES.md), so the paged kernel keeps register loads.
+//    contiguous cache this reached 99.7% of copy bandwidth on an H100; on the H200 the paged kernel
+//    reaches 78-79% at the budget shapes, below the Triton kernel (bench/RESULTS.md, issue 11).
 //  * simt: fp32 (exact fp32 dots, no TF32) and 16-bit D > 128. 8 lanes per key, 4 keys per warp step,
 //    each lane holding NV 16-byte vectors of the row; up to GT query heads per CTA.
 #include <ATen/ATen.h>
@@ -395,33 +395,13 @@ constexpr int epilogue_floats() {
   return kWarps * 16 * (DP + 4) + 2 * kWarps * 16;
 }
 
-constexpr int kStages = 3;  // cp.async ring depth per warp: blocks in flight while one is computed
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool ok) {
-  // 16-byte async copy global -> shared, zero-filled when !ok (src-size 0); L2 fetches whole 256-B lines.
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-template <typename T, int DP>
-constexpr int ring_bytes() {  // per CTA: kWarps x kStages x 32 lanes x the lane's K and V vectors
-  return kWarps * kStages * 32 * (2 * (DP / 32) + 4 * (DP / 64)) * 16;
-}
-
-// Each thread streams exactly the 16-byte vectors of its own MMA fragments (the layout of the register
-// loads, see WarpAttn) through its own slots of a kStages-deep shared-memory ring: no other thread reads
-// them, so no barrier is needed, and kStages - 1 blocks per warp stay in flight while one is computed
-// (one block in flight per warp, the register-prefetch scheme, left the H200 at ~78% of copy bandwidth).
+// Register loads with rotating prefetch: the next 16-key block's K is requested as soon as S = Q K^T
+// consumed this block's K, the next V once P V consumed this V. (A per-thread cp.async shared-memory
+// ring of 3 stages measured slower on the H200, 54% vs 78% of copy bandwidth: bench/RESULTS.md, issue 11.)
 template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads) paged_mma_kernel(const PagedParams p) {
   using W = WarpAttn<T, DP>;
-  constexpr int kVecs = 2 * W::kChunks + 4 * W::kVChunks;  // per lane per block
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
-  uint4* ring = reinterpret_cast<uint4*>(dyn_smem);  // [kWarps][kStages][kVecs][32]
-  float* smem = reinterpret_cast<float*>(dyn_smem);  // the epilogue reuses it after the loop
+  __shared__ __align__(16) float smem[epilogue_floats<DP>()];
   __shared__ PlanSmem plan_sm;
   const int chunk = blockIdx.x;
   const int mt = blockIdx.y % p.m_tiles, kvh = blockIdx.y / p.m_tiles;
@@ -439,18 +419,21 @@ __global__ void __launch_bounds__(kThreads) paged_mma_kernel(const PagedParams p
   const int32_t* tbl = p.tables + b * p.t_sb;
   const T* kb = static_cast<const T*>(p.k) + kvh * p.k_sh;
   const T* vb = static_cast<const T*>(p.v) + kvh * p.v_sh;
-  uint4* my = ring + static_cast<int64_t>(warp) * kStages * kVecs * 32 + lane;  // slot (stage, vec): [(stage * kVecs + vec) * 32]
 
-  auto issue = [&](int base, int stage) {  // block base's vectors -> ring stage (zeros past `end` and D)
-    uint4* dst = my + stage * kVecs * 32;
+  typename W::KFrag kr;
+  typename W::VFrag vr;
+  auto load_k = [&](int base) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       const int key = base + 8 * u + g;
       const bool ok = key < end;
       const T* ptr = kb + (ok ? slot_offset(p, tbl, key, p.k_sb, p.k_st) : 0) + 8 * c;
 #pragma unroll
-      for (int i = 0; i < W::kChunks; ++i) cp_async16(dst + (u * W::kChunks + i) * 32, ptr + 32 * i, ok && 32 * i + 8 * c < p.D);
+      for (int i = 0; i < W::kChunks; ++i)
+        kr[u][i] = ok && 32 * i + 8 * c < p.D ? ldg_stream(ptr + 32 * i) : make_uint4(0, 0, 0, 0);
     }
+  };
+  auto load_v = [&](int base) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int key = base + 2 * c + (e & 1) + 8 * (e >> 1);
@@ -458,40 +441,23 @@ __global__ void __launch_bounds__(kThreads) paged_mma_kernel(const PagedParams p
       const T* ptr = vb + (ok ? slot_offset(p, tbl, key, p.v_sb, p.v_st) : 0) + 8 * g;
 #pragma unroll
       for (int j = 0; j < W::kVChunks; ++j)
-        cp_async16(dst + (2 * W::kChunks + e * W::kVChunks + j) * 32, ptr + 64 * j, ok && 64 * j + 8 * g < p.D);
+        vr[e][j] = ok && 64 * j + 8 * g < p.D ? ldg_stream(ptr + 64 * j) : make_uint4(0, 0, 0, 0);
     }
   };
 
-  const int first = start + warp * kBlockN;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {  // prologue: the first kStages - 1 blocks
-    if (first + s * kCtaN < end) issue(first + s * kCtaN, s);
-    cp_async_commit();
+  int base = start + warp * kBlockN;
+  if (base < end) {
+    load_k(base);
+    load_v(base);
   }
-  typename W::KFrag kr;
-  typename W::VFrag vr;
-  int stage = 0;
-  for (int base = first; base < end; base += kCtaN) {
-    const int ahead = base + (kStages - 1) * kCtaN;
-    if (ahead < end) issue(ahead, (stage + kStages - 1) % kStages);
-    cp_async_commit();  // one group per iteration (maybe empty), so wait_group counts blocks
-    cp_async_wait<kStages - 1>();
-    const uint4* src = my + stage * kVecs * 32;
-#pragma unroll
-    for (int u = 0; u < 2; ++u)
-#pragma unroll
-      for (int i = 0; i < W::kChunks; ++i) kr[u][i] = src[(u * W::kChunks + i) * 32];
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-#pragma unroll
-      for (int j = 0; j < W::kVChunks; ++j) vr[e][j] = src[(2 * W::kChunks + e * W::kVChunks + j) * 32];
+  for (; base < end; base += kCtaN) {
+    const int next = base + kCtaN;
     float s[2][4];
     st.scores(kr, s);
+    if (next < end) load_k(next);  // this block's K is consumed: keep the next one in flight
     st.update(s, vr, base, end, c, p.scale_log2);
-    stage = stage + 1 == kStages ? 0 : stage + 1;
+    if (next < end) load_v(next);
   }
-  cp_async_wait<0>();
-  __syncthreads();  // every warp is done with the ring before the epilogue reuses it
   st.finish(p, smem, warp, g, c, head0, rows, chunk);
 }
 
@@ -673,15 +639,9 @@ int multiprocessor_count(int device) {
 
 template <typename T, int DP>
 void launch_mma(PagedParams& p, cudaStream_t stream) {
-  constexpr int bytes = std::max<int>(ring_bytes<T, DP>(), epilogue_floats<DP>() * 4);
-  static bool raised = false;  // the opt-in above 48 KB of dynamic shared memory, once per instantiation
-  if (!raised) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(paged_mma_kernel<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    raised = true;
-  }
   p.m_tiles = (p.G + 15) / 16;
   const dim3 grid(static_cast<unsigned>(p.n_chunks), static_cast<unsigned>(p.H_kv * p.m_tiles));
-  paged_mma_kernel<T, DP><<<grid, kThreads, bytes, stream>>>(p);
+  paged_mma_kernel<T, DP><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -82,8 +82,8 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
     if device.type == "cuda":
         if _cuda.has_cuda_ext():
             out["truncate_kv_"].append(_Impl("cuda", _cuda.truncate_kv_))
-            out["paged_decode"].append(_Impl("cuda", _cuda.paged_decode, _cuda.paged_supports))
-            out["paged_truncate_"].append(_Impl("cuda", _cuda.paged_truncate_))
+            # cuda.paged_decode / cuda.paged_truncate_ stay off the default path until their GPU tests
+            # pass: the H200 run of tests/test_paged_cuda.py hung in the decode tests (bench/RESULTS.md, issue 11)
         score = _lazy_score()
         if score.available():
             out["score_ratio"].append(_Impl("triton", score.lazy_ratio_triton, score.supports))
@@ -164,13 +164,13 @@ class Backend:
 
     def describe(self) -> dict[str, str]:
         """op -> implementations in order, with the dtypes/head dims each covers, e.g.
-        ``'cuda (D % 8 == 0; bf16/fp16 D <= 128, fp32 D <= 256) > triton > reference'``."""
+        ``'cuda (fp32, D % 8 == 0, D <= 256) > triton > reference'``."""
         out = {}
         for op, disp in self._ops.items():
             parts = []
             for impl in disp.impls:
                 if impl.supports is _cuda.paged_supports:
-                    parts.append(f"{impl.name} (D % 8 == 0; bf16/fp16 D <= 128, fp32 D <= 256)")
+                    parts.append(f"{impl.name} (fp32, D % 8 == 0, D <= 256)")
                 else:
                     parts.append(impl.name)
             out[op] = " > ".join(parts)
