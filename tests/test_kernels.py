@@ -206,7 +206,7 @@ def test_truncate_ext_rejects_bad_input():
 def test_backend_cpu():
     be = get_backend("cpu")
     names = available_backends("cpu")
-    assert names["decode_full"] == ["reference"] and names["decode_sink_window"] == ["reference"]
+    assert names["decode_full"] == ["sdpa", "reference"] and names["decode_sink_window"] == ["sdpa", "reference"]
     assert names["truncate_kv_"][-1] == "reference"
     from ltengine.kernels import OPS
     assert set(be.describe()) == set(OPS)
@@ -239,7 +239,7 @@ def test_backend_cpu_ops_agree_with_reference():
 def test_backend_cuda_dispatch_by_dtype():
     be = get_backend("cuda")
     names = available_backends("cuda")
-    assert names["decode_full"] == ["reference"] and names["decode_sink_window"] == ["reference"]
+    assert names["decode_full"] == ["sdpa", "reference"] and names["decode_sink_window"] == ["sdpa", "reference"]
     if kcuda.has_cuda_ext():
         assert be.impl_for("truncate_kv_", torch.float32, 128) == "cuda"
     assert get_backend("cuda", prefer="reference").impl_for("paged_decode", torch.bfloat16, 128) == "reference"

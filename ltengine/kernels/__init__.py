@@ -42,7 +42,7 @@ __all__ = [
 OPS = ("decode_full", "decode_sink_window", "truncate_kv_", "score_ratio", "score_peak", "paged_decode",
        "paged_truncate_")
 SCORE_OPS = {"ratio": "score_ratio", "peak": "score_peak"}  # LazyConfig.score -> op
-IMPLS = ("cuda", "cpp", "triton", "reference")  # cpp: the CPU truncate_kv_ of ltengine._C
+IMPLS = ("cuda", "cpp", "triton", "sdpa", "reference")  # cpp: the CPU truncate_kv_ of ltengine._C
 
 _Supports = Callable[[torch.dtype, int], bool]
 
@@ -79,6 +79,10 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
         "paged_truncate_": _Impl("reference", paged.paged_truncate_ref_),
     }
     out: dict[str, list[_Impl]] = {op: [] for op in OPS}
+    from ltengine.kernels import sdpa  # contiguous-cache decode (the reference runner's fast path), any device
+
+    out["decode_full"].append(_Impl("sdpa", sdpa.decode_full, sdpa.supports))
+    out["decode_sink_window"].append(_Impl("sdpa", sdpa.decode_sink_window, sdpa.supports))
     if device.type == "cuda":
         if _cuda.has_cuda_ext():
             out["truncate_kv_"].append(_Impl("cuda", _cuda.truncate_kv_))
