@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="CPU smoke run on a tiny random model")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     p.add_argument("--num-requests", type=int, default=None, help="requests in the trace (default 64; quick 24)")
-    p.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default 1.0; quick 8)")
+    p.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default 1.0; quick 40)")
     p.add_argument("--prompt-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="prompt tokens, uniform (default 8192 32768; quick 64 512)")
     p.add_argument("--output-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
     p.add_argument("--kv-budget", default=None, help="KV budget of every mode (default 40GiB; quick 2MiB)")
     p.add_argument("--window", type=int, default=None, help="lazy layers' window (default 1020; quick 60)")
     p.add_argument("--sink", type=int, default=4)
-    p.add_argument("--interleave-layers", type=int, default=4, help="K of the interleaving modes (default 4)")
+    p.add_argument("--interleave-layers", type=int, default=None, help="K of the interleaving modes (default 4; quick 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=1800.0)
     p.add_argument("--start-timeout", type=float, default=600.0)
@@ -375,10 +375,11 @@ def main(argv=None) -> int:
     q = args.quick
     args.kv_budget = parse_bytes(args.kv_budget or ("2MiB" if q else "40GiB"))
     args.window = args.window or (60 if q else 1020)
+    args.interleave_layers = args.interleave_layers if args.interleave_layers is not None else (1 if q else 4)
     if args.serve:
         return serve_main(args)
     args.num_requests = args.num_requests or (24 if q else 64)
-    args.rate = args.rate or (8.0 if q else 1.0)
+    args.rate = args.rate or (40.0 if q else 1.0)
     args.prompt_len = tuple(args.prompt_len or ((64, 512) if q else (8192, 32768)))
     args.output_len = tuple(args.output_len or ((8, 32) if q else (64, 256)))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -82,7 +82,7 @@ def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [sys.executable, "-m", "ltengine.serve", "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
-           "--kv-budget", str(BUDGET), "--max-waiting", str(MAX_WAITING), "--shutdown-timeout", "20",
+           "--kv-budget", str(BUDGET), "--max-waiting", str(MAX_WAITING), "--shutdown-timeout", "90",
            "--device", "cpu", "--log-level", "warning"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "wb") as f:
@@ -122,10 +122,10 @@ def test_models_and_health(server):
 
 def test_completion_streamed_equals_non_streamed(server):
     client = server.client()
-    kw = dict(model=MODEL, prompt="Once upon a time, in a small village,", max_tokens=16, temperature=0)
+    kw = dict(model=MODEL, prompt="Once upon a time, in a small village,", max_tokens=12, temperature=0)
     full = client.completions.create(**kw)
     assert full.object == "text_completion" and full.choices[0].finish_reason in ("stop", "length")
-    assert full.usage.completion_tokens <= 16 and full.usage.prompt_tokens > 0
+    assert full.usage.completion_tokens <= 12 and full.usage.prompt_tokens > 0
     assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
     ext = full.model_extra["ltengine"]
     assert ext["num_layers"] == 30 and isinstance(ext["lazy_layers"], list) and 0 <= ext["kv_saved"] <= 1
@@ -140,7 +140,7 @@ def test_completion_streamed_equals_non_streamed(server):
 def test_chat_streamed_equals_non_streamed_with_usage(server):
     client = server.client()
     kw = dict(model=MODEL, messages=[{"role": "system", "content": "You are terse."},
-                                     {"role": "user", "content": "Name three colors."}], max_tokens=20, temperature=0)
+                                     {"role": "user", "content": "Name three colors."}], max_tokens=12, temperature=0)
     full = client.chat.completions.create(**kw)
     assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
     text = full.choices[0].message.content
@@ -345,7 +345,7 @@ def test_openai_client_raises_bad_request_with_the_numbers(server):
 
 # ---------------------------------------------------------------------------------------------- last: SIGTERM
 def test_sigterm_finishes_in_flight_then_exits(server):
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True, "temperature": 0,
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True, "temperature": 0,
             "stream": True}
     with server.http() as h, h.stream("POST", C, json=body) as r:
         lines = r.iter_lines()
@@ -356,6 +356,6 @@ def test_sigterm_finishes_in_flight_then_exits(server):
     n_text = sum(1 for line in rest if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"])
     final = [json.loads(line[6:]) for line in rest if line.startswith("data: {")][-1]
     assert final["choices"][0]["finish_reason"] == "length" and n_text >= 1
-    assert server.proc.wait(timeout=60) == 0
+    assert server.proc.wait(timeout=120) == 0
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{server.url}/health", timeout=5)
