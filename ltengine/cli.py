@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     i.set_defaults(func=cmd_info)
     from .eval.cli import add_subcommands
     add_subcommands(sub)  # profile, eval (ltengine/eval/)
+    from .serve.cli import add_subcommand as add_serve
+    add_serve(sub)  # serve (ltengine/serve/)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
