@@ -83,7 +83,7 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [sys.executable, "-m", "ltengine.serve", "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
            "--kv-budget", str(BUDGET), "--max-waiting", str(MAX_WAITING), "--shutdown-timeout", "90",
-           "--device", "cpu", "--log-level", "warning"]
+           "--interleave-layers", "8", "--device", "cpu", "--log-level", "warning"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -171,6 +171,9 @@ def test_lazy_override_and_stop(server):
     assert full.model_extra["ltengine"]["lazy_layers"] == []
     stopped = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=8, temperature=0,
                                         stop=[" 5"], extra_body={"lazy": {"fraction": 0.0}})
+    fixed = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=2, temperature=0,
+                                      extra_body={"lazy": {"policy": [0, 1], "window": 64}})
+    assert fixed.model_extra["ltengine"]["lazy_layers"] == [0, 1]
     if " 5" in full.choices[0].text:
         assert stopped.choices[0].finish_reason == "stop"
         assert stopped.choices[0].text == full.choices[0].text[:full.choices[0].text.index(" 5")]
@@ -341,6 +344,28 @@ def test_openai_client_raises_bad_request_with_the_numbers(server):
     with pytest.raises(openai.BadRequestError, match=r"8192"):
         server.client().completions.create(model=MODEL, prompt="Hi", max_tokens=9000)
     _good_request(server)
+
+
+# ---------------------------------------------------------------------------------------------- detokenizer
+def test_incremental_text_joins_to_the_full_decode(default_model):
+    from ltengine.data import chapter
+    from ltengine.serve.detok import IncrementalText
+
+    tok = default_model[1]
+    text = chapter(1)[:3000] + " naïve café — 東京 🙂 done."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    full = tok.decode(ids, skip_special_tokens=True)
+    for stop in ((), ("Bennet", "東京")):
+        inc = IncrementalText(tok, stop=stop)
+        pieces, i = [], 0
+        while i < len(ids):
+            n = 1 + i % 3  # one to three tokens a step
+            pieces.append(inc.push(ids[i:i + n]))
+            i += n
+        assert all("\ufffd" not in p for p in pieces)
+        streamed = "".join(pieces)
+        assert full.startswith(streamed) and len(full) - len(streamed) <= max(map(len, stop), default=1) - 1
+        assert streamed + inc.finish(full) == full
 
 
 # ---------------------------------------------------------------------------------------------- last: SIGTERM
