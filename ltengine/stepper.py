@@ -37,12 +37,14 @@ def step(engine) -> list[RequestOutput]:
     if engine._prefill is None:
         _, groups = sched.admit()
         engine._prefill_queue.extend(groups)
-        while engine._prefill_queue and engine._prefill is None:
-            group = [s for s in engine._prefill_queue.popleft() if s.finish_reason != "abort"]
-            if group:
-                engine._prefill = (engine.runner.start_prefill([engine._prefill_request(s) for s in group]), group, 0.0)
-    if engine._prefill is not None:
+        _start_next_prefill(engine)
+    # without interleaving, every batch admitted now is prefilled before the next decode step (one
+    # decode batch, as large as admission allows); with it, ``interleave_layers`` layers per step
+    while engine._prefill is not None:
         _advance_prefill(engine, outs)
+        if engine.config.interleave_layers:
+            break
+        _start_next_prefill(engine)
     prefilling = engine._prefill[1] if engine._prefill is not None else []
     running = [s for s in sched.running if s.status is RUNNING and s not in prefilling]
     launched = None
@@ -60,6 +62,13 @@ def step(engine) -> list[RequestOutput]:
         engine.totals["decode_s"] += time.perf_counter() - t0
     engine._pending = launched
     return list(outs.values())
+
+
+def _start_next_prefill(engine) -> None:
+    while engine._prefill_queue and engine._prefill is None:
+        group = [s for s in engine._prefill_queue.popleft() if s.finish_reason != "abort"]
+        if group:
+            engine._prefill = (engine.runner.start_prefill([engine._prefill_request(s) for s in group]), group, 0.0)
 
 
 def _advance_prefill(engine, outs: dict) -> None:

@@ -31,6 +31,7 @@ class PagedSeq:
     window: int
     blocks: list[list[int]] = field(default_factory=list)
     lazy: list[bool] = field(default_factory=list)
+    room: int = 0  # tokens every layer's blocks can hold (a lazy layer: up to sink + window of them)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class _Store:
     def __init__(self, runner: "PagedRunner", seq: PagedSeq, length: int, room: int):
         self.r, self.seq, self.length, self.room = runner, seq, length, room
         self.ring = min(room, seq.sink + seq.window)
+        seq.room = room
 
     def _rows(self, blocks: list[int], slots: torch.Tensor) -> torch.Tensor:
         """Flat pool row of each slot of a block list."""
@@ -157,9 +159,14 @@ class PagedRunner(Runner):
                 for blocks, lazy in zip(seq.blocks, seq.lazy)]
 
     def grow_need(self, seq: PagedSeq, tokens: int) -> int:
+        if tokens <= seq.room:
+            return 0
         return sum(self._missing(seq, tokens)) * self.pool.bytes_per_block
 
     def grow(self, seq: PagedSeq, tokens: int) -> None:
+        if tokens <= seq.room:
+            return
+        seq.room = tokens
         missing = self._missing(seq, tokens)
         new = iter(self.pool.alloc(sum(missing)))
         for layer, n in enumerate(missing):
@@ -174,7 +181,8 @@ class PagedRunner(Runner):
             idx = torch.tensor(blocks, dtype=torch.long, device=self.pool.k.device)
             ks.append(self.pool.k.index_select(0, idx).to("cpu"))
             vs.append(self.pool.v.index_select(0, idx).to("cpu"))
-        swapped = _Swapped(PagedSeq(seq.sink, seq.window, [list(b) for b in seq.blocks], list(seq.lazy)), ks, vs)
+        swapped = _Swapped(PagedSeq(seq.sink, seq.window, [list(b) for b in seq.blocks], list(seq.lazy), seq.room),
+                           ks, vs)
         self.release(seq)
         return swapped
 
