@@ -322,7 +322,7 @@ def targets(rows: dict) -> list[str]:
         out.append(f"lazy / full peak running: {lazy['peak_running'] / full['peak_running']:.2f}x (target >= 1.9x)")
     for r in rows.values():
         if r.get("peak_kv_over_budget") is not None:
-            out.append(f"{r['mode']}: peak KV {r['peak_kv_over_budget']:.2f} of the budget (target <= 1.00)")
+            out.append(f"{r['mode']}: peak KV {r['peak_kv_over_budget']:.3f} of the budget (target <= 1)")
     for r in (lazy, noint):
         if r and r.get("itl_p99_over_p50") is not None:
             out.append(f"{r['mode']}: ITL p99/p50 {r['itl_p99_over_p50']:.2f} (target <= 3 with interleaving on)")
@@ -342,7 +342,7 @@ def print_table(rows: dict) -> None:
         print(f"{r['mode']:<11} {r['ok']:>3}/{r['requests']:<3} {r['req_per_s']:>6.2f} {r['output_tok_per_s']:>9.1f} "
               f"{f(r['ttft_p50_s']):>9} {f(r['ttft_p99_s']):>9} {f(r['itl_p50_s'], 1e3, '{:.1f}ms'):>8} "
               f"{f(r['itl_p99_s'], 1e3, '{:.1f}ms'):>8} {f(r['itl_p99_over_p50'], 1, '{:.2f}'):>7} "
-              f"{r['peak_running'] or 0:>8.0f} {r['preemptions'] or 0:>7.0f} {f(r['peak_kv_over_budget'], 1, '{:.2f}'):>14}")
+              f"{r['peak_running'] or 0:>8.0f} {r['preemptions'] or 0:>7.0f} {f(r['peak_kv_over_budget'], 1, '{:.3f}'):>14}")
         if r["error_sample"]:
             print(f"    first error: {r['error_sample'][:200]}")
 
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU smoke run on a tiny random model")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
-    p.add_argument("--num-requests", type=int, default=None, help="requests in the trace (default 64; quick 24)")
+    p.add_argument("--num-requests", type=int, default=None, help="requests in the trace (default 64; quick 48)")
     p.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default 1.0; quick 40)")
     p.add_argument("--prompt-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="prompt tokens, uniform (default 8192 32768; quick 64 512)")
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     args.interleave_layers = args.interleave_layers if args.interleave_layers is not None else (1 if q else 4)
     if args.serve:
         return serve_main(args)
-    args.num_requests = args.num_requests or (24 if q else 64)
+    args.num_requests = args.num_requests or (48 if q else 64)
     args.rate = args.rate or (40.0 if q else 1.0)
     args.prompt_len = tuple(args.prompt_len or ((64, 512) if q else (8192, 32768)))
     args.output_len = tuple(args.output_len or ((8, 32) if q else (64, 256)))

@@ -249,6 +249,7 @@ class EngineLoop:
             self._fail_live(f"engine error: {type(e).__name__}: {e}")
             return
         now = time.perf_counter()
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outs:
             req = self._live.get(out.request_id)
             if req is None:
@@ -271,7 +272,9 @@ class EngineLoop:
                 ev = Event(req.stream.push(out.new_token_ids), n)
                 if not ev.text and not n:
                     continue
-            req.aio.call_soon_threadsafe(req.events.put_nowait, ev)
+            batches.setdefault(req.aio, []).append((req.events, ev))
+        for aio, events in batches.items():  # one wake-up of the HTTP side per step, not one per request
+            aio.call_soon_threadsafe(_deliver, events)
         snap = self.engine.metrics()
         self.peak_kv_bytes = max(self.peak_kv_bytes, int(snap.get("kv_bytes_used") or 0),
                                  int(snap.get("kv_bytes_peak") or snap.get("peak_kv_bytes") or 0))
@@ -306,6 +309,11 @@ class EngineLoop:
                 arg.aio.call_soon_threadsafe(_set_exception, arg.admitted, ShuttingDown(message))
                 with self._lock:
                     self._queued -= 1
+
+
+def _deliver(events: list) -> None:
+    for q, ev in events:
+        q.put_nowait(ev)
 
 
 def _set_result(fut: asyncio.Future, value) -> None:
