@@ -206,6 +206,15 @@ class Engine:
         self.scheduler.remove(seq)
         return True
 
+    def close(self) -> None:
+        """Abort what is in flight, free the KV pool, and hand the model back as it came (the paged
+        runner's fused decode step shares the q/k/v and gate/up weights' storage; this unshares it)."""
+        for rid in list(self._requests):
+            self.abort(rid)
+        self._pending = None
+        self._scheduler = None
+        self.adapter.unfuse()
+
     def metrics(self) -> dict:
         """Counters and gauges of the engine now (what a server exports)."""
         s = self.scheduler

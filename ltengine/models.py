@@ -109,8 +109,10 @@ class DecoderAdapter:
     def fused_weights(self) -> list[dict]:
         """Per layer, one QKV and one gate/up weight for the fused decode path.
 
-        Built once. The model's own q/k/v and gate/up parameters are re-pointed at row slices of the
-        fused tensors, so the weights exist once in memory and the HF modules still work.
+        Built once (by the paged runner's fused CUDA decode step). The model's own q/k/v and gate/up
+        parameters are re-pointed at row slices of the fused tensors, so the weights exist once in
+        memory and the HF modules still work (same values, same parameter objects); ``unfuse()`` (or
+        ``Engine.close()``) gives each parameter its own storage again.
         """
         if getattr(self, "_fused", None) is not None:
             return self._fused
@@ -131,6 +133,23 @@ class DecoderAdapter:
                 fused.append(entry)
         self._fused = fused
         return fused
+
+    def unfuse(self) -> None:
+        """Undo ``fused_weights``: every q/k/v and gate/up parameter gets its own storage back."""
+        if getattr(self, "_fused", None) is None:
+            return
+        with torch.no_grad():
+            for layer in self.layers:
+                _unmerge(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+                _unmerge(layer.mlp.gate_proj, layer.mlp.up_proj)
+        self._fused = None
+
+
+def _unmerge(*linears) -> None:
+    for m in linears:
+        m.weight.data = m.weight.data.clone()
+        if m.bias is not None:
+            m.bias.data = m.bias.data.clone()
 
 
 def _merge(*linears) -> torch.Tensor:

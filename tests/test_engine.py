@@ -234,3 +234,24 @@ def test_reference_budget_for_all_lazy_and_short_prompts_is_exact():
             assert len(out.lazy_layers) == lazy_layers
         else:
             assert len(out.lazy_layers) == 4 and out.stats.peak_kv_bytes == budget
+
+
+def test_close_hands_the_model_back():
+    """close() frees the engine's KV and un-shares any fused weights; the model still generates the same."""
+    from conftest import SpacedIds, tiny_model
+
+    model = tiny_model("qwen2", layers=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = list(range(3, 40))
+    want = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)[0, len(ids):].tolist()
+    engine = Engine(model, SpacedIds(), lazy=None, runner="paged", block_size=8)
+    engine.adapter.fused_weights()  # what the CUDA fused step does
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.data_ptr() == engine.adapter._fused[0]["qkv_w"].data_ptr()  # shared storage while fused
+    assert engine.generate(ids, max_new_tokens=5).token_ids == want
+    engine.close()
+    assert q.untyped_storage().nbytes() == q.nbytes  # its own storage again
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)[0, len(ids):].tolist() == want
+    assert not engine.has_unfinished()

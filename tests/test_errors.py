@@ -80,9 +80,7 @@ def test_bad_lazy_config(engine, kwargs, message):
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-2), "top_k must be an integer >= 0"),
     (dict(stop=[""]), "stop must be a non-empty string"),
-    pytest.param(dict(stop=""), r"stop must be a non-empty string or a list of non-empty strings, got ''",
-                 marks=pytest.mark.xfail(strict=False, reason="until engine.generate passes stop through "
-                                         "(`stop if stop is not None else ()`, not `stop or ()`)")),
+    (dict(stop=""), r"stop must be a non-empty string or a list of non-empty strings, got ''"),
     (dict(stop=123), "stop must be a non-empty string or a list of non-empty strings, got 123"),
     (dict(stop=["ok", 7]), r"got \['ok', 7\]"),
     (dict(temperature=float("nan")), r"temperature must be >= 0 and finite \(0 = greedy\), got nan"),
