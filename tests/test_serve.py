@@ -349,14 +349,14 @@ def test_openai_client_raises_bad_request_with_the_numbers(server):
 # ---------------------------------------------------------------------------------------------- detokenizer
 def test_incremental_text_joins_to_the_full_decode(default_model):
     from ltengine.data import chapter
-    from ltengine.serve.detok import IncrementalText
+    from ltengine.sequence import TextStream
 
     tok = default_model[1]
     text = chapter(1)[:3000] + " naïve café — 東京 🙂 done."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     full = tok.decode(ids, skip_special_tokens=True)
     for stop in ((), ("Bennet", "東京")):
-        inc = IncrementalText(tok, stop=stop)
+        inc = TextStream(tok, stop=stop)
         pieces, i = [], 0
         while i < len(ids):
             n = 1 + i % 3  # one to three tokens a step

@@ -3,7 +3,7 @@
 HTTP handlers (on the asyncio loop) never touch the engine. They put commands into a thread-safe queue
 (add a request, abort one); the engine thread runs them between steps and hands each request's events
 back to its own ``asyncio.Queue`` through ``loop.call_soon_threadsafe``. Detokenization
-(``detok.IncrementalText``) runs on the engine thread too, so the tokenizer is only ever used by one thread.
+(``sequence.TextStream``) runs on the engine thread too, so the tokenizer is only ever used by one thread.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 from ..config import LazyConfig, SamplingParams
-from .detok import IncrementalText
+from ..sequence import TextStream
 
 log = logging.getLogger("ltengine.serve")
 
@@ -52,7 +52,7 @@ class _Request:
     admitted: asyncio.Future  # result: prompt tokens; exception: ValueError from add_request
     arrival: float = field(default_factory=time.perf_counter)
     prompt_tokens: int = 0
-    stream: IncrementalText | None = None  # on the engine thread
+    stream: TextStream | None = None  # on the engine thread
     last_token_t: float = 0.0
 
 
@@ -235,7 +235,7 @@ class EngineLoop:
             req.aio.call_soon_threadsafe(_set_exception, req.admitted, e)
             return
         req.prompt_tokens = len(prompt)
-        req.stream = IncrementalText(self.engine.tokenizer, stop=params.stop)
+        req.stream = TextStream(self.engine.tokenizer, stop=params.stop)
         self._live[req.rid] = req
         req.aio.call_soon_threadsafe(_set_result, req.admitted, None)
 
