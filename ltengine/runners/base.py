@@ -45,6 +45,19 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.transpose(1, 2)
 
 
+def _last_row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+                        scale: float) -> torch.Tensor:
+    """Each prompt's last query over its own keys (the causal row of ``prefill_attention`` for that
+    token; right padding excluded). q ``[B, T, H_q, D]``, k/v ``[B, T, H_kv, D]`` -> ``[B, 1, H_q, D]``."""
+    outs = []
+    for n, length in enumerate(lengths):
+        qn = q[n, length - 1:length].transpose(0, 1).unsqueeze(0)  # [1, H_q, 1, D]
+        kn = k[n, :length].transpose(0, 1).unsqueeze(0)
+        vn = v[n, :length].transpose(0, 1).unsqueeze(0)
+        outs.append(F.scaled_dot_product_attention(qn, kn, vn, scale=scale, enable_gqa=q.shape[2] != k.shape[2]))
+    return torch.cat(outs).transpose(1, 2)  # [B, 1, H_q, D]
+
+
 class KVStore(Protocol):
     """Where one prompt's prefill writes its KV."""
 
@@ -93,6 +106,7 @@ class LayerMajorPrefill:
         self.scores: list[list[float]] = [[] for _ in jobs]
         self.layer = 0
         self._finished = False  # the policies' end-of-prefill demotions ran
+        self._last_only = False  # the last layer kept one row per prompt (``h`` is [B, 1, hidden])
 
     @property
     def num_layers(self) -> int:
@@ -118,8 +132,18 @@ class LayerMajorPrefill:
                     p = min(job.probe, length)
                     self.scores[n].append(job.scorer(q[n, length - p:length].transpose(0, 1),
                                                      k[n, :length].transpose(0, 1), job.sink, job.window, a.scale))
-            o = prefill_attention(q, k, v, a.scale)
-            self.h = a.finish_layer(i, self.h, o.reshape(b, t, -1))
+            if i == self.num_layers - 1:
+                # after the last layer only each prompt's last hidden state is read (its logits): its
+                # K/V above are all that later decode needs, so attention, o_proj and the MLP run for
+                # one row per prompt instead of all T
+                last = torch.tensor([n - 1 for n in self.lengths], device=q.device)
+                rows = torch.arange(b, device=q.device)
+                o = _last_row_attention(q, k, v, self.lengths, a.scale)
+                self.h = a.finish_layer(i, self.h[rows, last].unsqueeze(1), o.reshape(b, 1, -1))
+                self._last_only = True
+            else:
+                o = prefill_attention(q, k, v, a.scale)
+                self.h = a.finish_layer(i, self.h, o.reshape(b, t, -1))
             del q, o
             for n, (job, length) in enumerate(zip(self.jobs, self.lengths)):
                 now = job.policy.observe(i, self.scores[n][-1] if job.scorer is not None else 0.0)
@@ -138,6 +162,8 @@ class LayerMajorPrefill:
 
     def last_hidden(self) -> torch.Tensor:
         """Each prompt's hidden state after its last token, ``[B, hidden]`` (after every layer ran)."""
+        if self._last_only:
+            return self.h[:, 0]
         last = torch.tensor([n - 1 for n in self.lengths], device=self.h.device)
         return self.h[torch.arange(len(self.jobs), device=self.h.device), last]
 
