@@ -6,7 +6,6 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 POLICIES = ("lighttransfer", "topk", "random", "streaming")
 SCORES = ("ratio", "peak")

@@ -25,7 +25,6 @@ from .memory.pool import KVPool
 from .models import DecoderAdapter, load_model
 from .prompts import Prompts, eos_ids, find_tokenizer
 from .runners import PagedRunner, PrefillRequest, ReferenceRunner
-from .sampling import sample
 from .scheduler import Scheduler
 from .sequence import GenerationOutput, RequestOutput, Sequence, SequenceStatus, TextStream
 
