@@ -176,13 +176,23 @@ def cmd_qa(args) -> int:
     else:
         document = "\n\n".join(chapter(n) for n in args.chapters)
         name = f"Pride and Prejudice, chapters {', '.join(map(str, args.chapters))} (shipped with ltengine)"
-    if not args.question.strip():
-        raise ValueError("--question is empty")
+    questions = list(args.question or [])
+    if args.questions:
+        questions += [line.strip() for line in _read_text(args.questions, "--questions").splitlines() if line.strip()]
+    questions = questions or [DEMO_QUESTION]
+    empty = [n for n, q in enumerate(questions) if not q.strip()]
+    if empty:
+        raise ValueError(f"--question is empty (question {empty[0] + 1})")
     lazy, kw, device = _checked(args, 96)
     engine = _engine(args, lazy, device)
-    print(f"document: {name}, {len(document)} characters\nquestion: {args.question}\n", file=sys.stderr)
-    out = engine.answer(document, args.question, **kw)
-    _print_result(out)
+    print(f"document: {name}, {len(document)} characters", file=sys.stderr)
+    if len(questions) == 1:
+        print(f"question: {questions[0]}\n", file=sys.stderr)
+        _print_result(engine.answer(document, questions[0], **kw))
+        return 0
+    for q, out in zip(questions, engine.answer(document, questions, **kw)):
+        print(f"\nQ: {q}")
+        _print_result(out)
     return 0
 
 
@@ -210,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("qa", help="answer a question about a long document (default: chapters of a shipped novel)")
     q.add_argument("--doc", help="text file of the document (default: shipped Pride and Prejudice chapters)")
     q.add_argument("--chapters", type=int, nargs="+", default=[1, 2, 3], help="chapters used when --doc is not given")
-    q.add_argument("--question", default=DEMO_QUESTION)
+    q.add_argument("--question", action="append", help="a question (repeat for several, answered as one batch; "
+                   "default: one about the shipped chapters)")
+    q.add_argument("--questions", help="a text file of questions, one a line")
     _add_model_args(q)
     q.set_defaults(func=cmd_qa)
     i = sub.add_parser("info", help="which kernel backend runs each op")

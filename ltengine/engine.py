@@ -285,8 +285,14 @@ class Engine:
         """One chat turn with the tokenizer's chat template."""
         return self.generate(self.encode_chat(messages), max_new_tokens, **kwargs)
 
-    def answer(self, document: str, question: str, max_new_tokens: int = 128, **kwargs) -> GenerationOutput:
-        """Long-document QA: the document first, the question last, in one chat turn."""
+    def answer(self, document: str, question: str | list[str], max_new_tokens: int = 128, **kwargs):
+        """Long-document QA: the document first, the question last, in one chat turn. A list of
+        questions is answered as one batch (a list of outputs, in order); each question's prompt holds
+        the whole document (document sessions that prefill it once are issue 13, not built yet)."""
+        if isinstance(question, (list, tuple)):
+            if not question:
+                raise ValueError("answer() needs at least one question")
+            return self.generate([self.prompts.qa(document, q) for q in question], max_new_tokens, **kwargs)
         return self.generate(self.prompts.qa(document, question), max_new_tokens, **kwargs)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:

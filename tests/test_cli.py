@@ -45,6 +45,16 @@ def test_qa_on_shipped_chapter(patched_engine, capsys):
     assert "Bingley" in out and "lazy layers 8/30" in err
 
 
+def test_qa_several_questions_as_one_batch(patched_engine, capsys, tmp_path):
+    qs = tmp_path / "qs.txt"
+    qs.write_text("Who is Mr. Bennet's wife?\n\nHow many daughters do the Bennets have?\n")
+    assert cli.main(["qa", "--chapters", "1", "--question", "Who has taken Netherfield Park?", "--questions", str(qs),
+                     "--max-new-tokens", "16"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("Q: ") == 3 and err.count("lazy layers") == 3
+    assert "Bingley" in out.split("Q: ")[1]
+
+
 @pytest.fixture
 def no_load(monkeypatch):
     """Bad arguments must fail before the model loads."""
