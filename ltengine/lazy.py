@@ -13,7 +13,7 @@ import random as _random
 import torch
 from sortedcontainers import SortedList
 
-from .config import LazyConfig
+from .config import LazyConfig, format_bytes
 
 
 def probe_probs(q: torch.Tensor, k: torch.Tensor, scale: float):
@@ -153,6 +153,25 @@ class FullPolicy(LayerPolicy):
 
     def observe(self, layer: int, ratio: float) -> list[int]:
         return []
+
+
+def plan_full_layers(lazy: LazyConfig, num_layers: int, capacity: int | None, prompt_len: int, max_new: int,
+                     footprint) -> int:
+    """Full-KV layers one request keeps (its queue's capacity): the config's count, and, under a
+    ``capacity`` in bytes, fewer while ``footprint(n_full)`` (the request's peak bytes alone, at prompt
+    + ``max_new``) does not fit. ValueError if even the config's laziest layout does not fit."""
+    n_full = num_layers - min(lazy.num_lazy(num_layers, budget=capacity is not None), num_layers) \
+        if lazy.enabled else num_layers
+    adaptive = lazy.enabled and not isinstance(lazy.policy, tuple) and lazy.policy != "streaming"
+    if capacity is not None and adaptive:
+        while n_full > 0 and footprint(n_full) > capacity:
+            n_full -= 1
+    if capacity is not None and footprint(n_full) > capacity:
+        what = (f"even with every layer lazy (sink {lazy.sink} + window {lazy.window})" if adaptive or
+                (lazy.enabled and lazy.policy == "streaming") else "with this lazy-layer policy")
+        raise ValueError(f"kv_budget {format_bytes(capacity)} is too small: {what} a prompt of {prompt_len} "
+                         f"tokens + {max_new} new tokens needs {format_bytes(footprint(n_full))} of KV")
+    return n_full
 
 
 def needs_scores(lazy: LazyConfig) -> bool:

@@ -74,6 +74,12 @@ class DecoderAdapter:
     def vocab_size(self) -> int:
         return self.model.lm_head.out_features
 
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """Bytes of one token's K and V in one layer, all KV heads, at the model's dtype."""
+        s = self.shape
+        return 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.inner.embed_tokens(ids)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from .config import LazyConfig, format_bytes
+from .config import LazyConfig
+from .lazy import plan_full_layers
 from .runners.base import Runner
 from .sequence import Sequence, SequenceStatus
 
@@ -32,24 +33,9 @@ class Scheduler:
     # ------------------------------------------------------------------ planning
     def plan(self, prompt_len: int, max_new: int, lazy: LazyConfig) -> int:
         """Full-KV layers a request keeps (its queue's capacity); ValueError if it can never fit."""
-        n, r = self.num_layers, self.runner
-        capacity = r.capacity
-        n_full = n - min(lazy.num_lazy(n, budget=capacity is not None), n) if lazy.enabled else n
-        adaptive = lazy.enabled and not isinstance(lazy.policy, tuple) and lazy.policy != "streaming"
         total = prompt_len + max_new
-
-        def need(n_full: int) -> int:
-            return r.footprint(total, n_full, lazy.sink, lazy.window)
-
-        if capacity is not None and adaptive:
-            while n_full > 0 and need(n_full) > capacity:
-                n_full -= 1
-        if capacity is not None and need(n_full) > capacity:
-            what = (f"even with every layer lazy (sink {lazy.sink} + window {lazy.window})" if adaptive or
-                    (lazy.enabled and lazy.policy == "streaming") else "with this lazy-layer policy")
-            raise ValueError(f"kv_budget {format_bytes(capacity)} is too small: {what} a prompt of {prompt_len} "
-                             f"tokens + {max_new} new tokens needs {format_bytes(need(n_full))} of KV")
-        return n_full
+        return plan_full_layers(lazy, self.num_layers, self.runner.capacity, prompt_len, max_new,
+                                lambda n_full: self.runner.footprint(total, n_full, lazy.sink, lazy.window))
 
     def admission_need(self, seq: Sequence) -> int:
         tokens = len(seq.prompt) + self.runner.decode_reserve(seq.params.max_new_tokens)

@@ -112,7 +112,6 @@ class Sequence:
     stats: GenerationStats | None = None
     arrival: float = field(default_factory=time.perf_counter)
     decode_start: float = 0.0
-    emitted: int = 0  # tokens already reported by step()
     reserved: int = 0  # bytes the scheduler promised its prefill
 
     def __post_init__(self) -> None:

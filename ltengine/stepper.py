@@ -91,8 +91,7 @@ def _advance_prefill(engine, outs: dict) -> None:
         return
     engine._prefill = None
     tokens = sum(len(s.prompt) for s in group)
-    per_token = 2 * engine.adapter.shape.num_kv_heads * engine.adapter.shape.head_dim * \
-        torch.empty((), dtype=engine.adapter.dtype).element_size() * engine.num_layers
+    per_token = engine.adapter.kv_bytes_per_token_layer * engine.num_layers
     live = []
     for seq, res in zip(group, results):
         sched.prefilled(seq)
@@ -149,8 +148,7 @@ def _make_room(engine, running: list[Sequence], outs: dict) -> list[Sequence]:
         _take(engine, engine._pending, outs)
         engine._pending, pending = None, set()
         running = [s for s in running if s.status is RUNNING]
-    chunk = getattr(engine.runner.pool, "block_size", 1) if hasattr(engine.runner, "pool") else 1
-    sched.make_room(rows(), chunk)
+    sched.make_room(rows(), engine.runner.grow_chunk)
     return [s for s in running if s.status is RUNNING]
 
 

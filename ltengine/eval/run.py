@@ -87,8 +87,7 @@ def run_ppl(engine, segments: list[list[int]], context: int, configs: list[EvalC
     truncated caches, so a lazy layer's later queries see only its sink + window.
     """
     adapter, backend = engine.adapter, engine.backend
-    shape = adapter.shape
-    per_slot = 2 * shape.num_kv_heads * shape.head_dim * torch.empty((), dtype=adapter.dtype).element_size()
+    per_slot = adapter.kv_bytes_per_token_layer
     nll: dict[str, list[torch.Tensor]] = defaultdict(list)
     lazy_counts: dict[str, list[int]] = defaultdict(list)
     kv_tokens: dict[str, list[int]] = defaultdict(list)

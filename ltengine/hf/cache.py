@@ -12,7 +12,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..config import FULL, LazyConfig, format_bytes, parse_bytes
 from ..kernels import get_backend
-from ..lazy import make_policy
+from ..lazy import make_policy, plan_full_layers
+from ..memory.cache import contiguous_footprint
 from ..models import DecoderAdapter
 from .layer import LightTransferLayer
 
@@ -74,7 +75,7 @@ class LightTransferCache(Cache):
             make_policy(self.lazy, self.shape.num_layers, self.shape.num_layers)  # layer indices checked now
         self.backend = get_backend(adapter.device)
         self._scorer = self.backend.scorer(self.lazy.score)
-        self._per_token_layer = 2 * self.shape.num_kv_heads * self.shape.head_dim * adapter.dtype.itemsize
+        self._per_token_layer = adapter.kv_bytes_per_token_layer
         super().__init__(layers=[LightTransferLayer(self.lazy.sink, self.lazy.window)
                                  for _ in range(self.shape.num_layers)])
         self._clear_decisions()
@@ -150,21 +151,11 @@ class LightTransferCache(Cache):
 
     # ---------------------------------------------------------------- planning and attention
     def _start_prefill(self, t: int) -> None:
-        """Plan the prompt's full layers (``full_capacity``) and make its policy: ``Engine._plan``'s rule."""
-        num_layers, lazy, budget = self.shape.num_layers, self.lazy, self.kv_budget
-        n_full = num_layers - min(lazy.num_lazy(num_layers, budget=budget is not None), num_layers) \
-            if lazy.enabled else num_layers
-        adaptive = lazy.enabled and not isinstance(lazy.policy, tuple) and lazy.policy != "streaming"
-        footprint = self.footprint
-        n = self.max_new_tokens
-        if budget is not None and adaptive:
-            while n_full > 0 and footprint(t, n, n_full) > budget:
-                n_full -= 1
-        if budget is not None and footprint(t, n, n_full) > budget:
-            what = (f"even with every layer lazy (sink {lazy.sink} + window {lazy.window})"
-                    if adaptive or (lazy.enabled and lazy.policy == "streaming") else "with this lazy-layer policy")
-            raise ValueError(f"kv_budget {format_bytes(budget)} is too small: {what} a prompt of {t} tokens + "
-                             f"{n} new tokens needs {format_bytes(footprint(t, n, n_full))} of KV")
+        """Plan the prompt's full layers (``full_capacity``) and make its policy: the engine scheduler's
+        rule (``lazy.plan_full_layers``) with this cache's footprint."""
+        num_layers, lazy, n = self.shape.num_layers, self.lazy, self.max_new_tokens
+        n_full = plan_full_layers(lazy, num_layers, self.kv_budget, t, n,
+                                  lambda n_full: self.footprint(t, n, n_full))
         self.full_capacity = n_full
         self._policy = make_policy(lazy, num_layers, n_full) if lazy.enabled else None
 
@@ -172,11 +163,8 @@ class LightTransferCache(Cache):
         """Most bytes this cache holds for a prompt + ``max_new`` tokens with ``n_full`` full layers: full
         layers hold every token, lazy ones sink + window, plus one ring while a demotion copies the kept
         tokens out of a stored full layer (the engine's reference runner counts the same way)."""
-        total = prompt_len + max_new
-        n_lazy = self.shape.num_layers - n_full
-        ring = min(total, self.lazy.sink + self.lazy.window)
-        copy = 0 < n_full and n_lazy > 0 and total > ring
-        return self._per_token_layer * (n_full * total + n_lazy * ring + (ring if copy else 0))
+        return contiguous_footprint(self._per_token_layer, self.shape.num_layers, prompt_len + max_new, n_full,
+                                    self.lazy.sink, self.lazy.window)
 
     def _attend(self, note: _Note, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
         """Attention of layer ``note.layer``: query ``[1, H_q, T, D]`` -> ``[1, T, H_q, D]``."""

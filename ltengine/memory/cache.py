@@ -147,6 +147,18 @@ def demote(full: FullKV, sink: int, window: int, truncate_kv_) -> SinkWindowKV:
     return lazy
 
 
+def contiguous_footprint(per_token_layer: int, num_layers: int, tokens: int, n_full: int, sink: int, window: int,
+                         demotes: bool = True) -> int:
+    """Most bytes contiguous caches of one ``tokens``-token sequence hold: ``n_full`` full layers at
+    ``tokens``, the others at sink + window, and one more sink + window buffer while a demotion copies
+    the kept tokens out of a stored full layer (only when some layers are stored full first and a full
+    layer is larger than the ring)."""
+    lazy = num_layers - n_full
+    ring = min(tokens, sink + window)
+    copy = demotes and 0 < n_full and lazy > 0 and tokens > ring
+    return per_token_layer * (n_full * tokens + lazy * ring + (ring if copy else 0))
+
+
 def _grown(x: torch.Tensor, tokens: int) -> torch.Tensor:
     out = x.new_zeros((tokens, *x.shape[1:]))
     out[: x.shape[0]] = x

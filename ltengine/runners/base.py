@@ -261,6 +261,8 @@ class Runner(ABC):
         task.advance()
         return task.results()
 
+    grow_chunk: int = 1  # tokens of room ``grow`` adds at once beyond what is needed (a block, paged)
+
     @abstractmethod
     def grow_need(self, handle, tokens: int) -> int:
         """Free bytes ``grow(handle, tokens)`` needs (0: it already has room)."""

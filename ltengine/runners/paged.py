@@ -122,6 +122,10 @@ class PagedRunner(Runner):
     def reset_peak(self) -> None:
         self.pool.peak_used = self.pool.used_blocks
 
+    @property
+    def grow_chunk(self) -> int:
+        return self.pool.block_size
+
     def decode_reserve(self, max_new: int) -> int:
         return min(max_new, self.pool.block_size)  # admitted by need: one block of decode room, then grow
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ..memory.cache import FullKV, KVMeter, SequenceKV, SinkWindowKV, demote, truncated
+from ..memory.cache import FullKV, KVMeter, SequenceKV, SinkWindowKV, contiguous_footprint, demote, truncated
 from ..models import DecoderAdapter
 from .base import LayerMajorPrefill, PrefillJob, PrefillRequest, PrefillResult, PrefillTask, Runner
 
@@ -49,8 +49,7 @@ class ReferenceRunner(Runner):
     def __init__(self, adapter: DecoderAdapter, backend, capacity: int | None):
         self.adapter, self.backend, self.capacity = adapter, backend, capacity
         self.meter = KVMeter()
-        s = adapter.shape
-        self.per_token_layer = 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=adapter.dtype).element_size()
+        self.per_token_layer = adapter.kv_bytes_per_token_layer
 
     # ------------------------------------------------------------------ budget
     @property
@@ -64,17 +63,14 @@ class ReferenceRunner(Runner):
     def reset_peak(self) -> None:
         self.meter.peak = self.meter.current
 
+    grow_chunk = 1  # never grows (see decode_reserve)
+
     def decode_reserve(self, max_new: int) -> int:
         return max_new  # contiguous buffers: the whole decode room at once
 
     def footprint(self, tokens: int, n_full: int, sink: int, window: int, demotes: bool = True) -> int:
-        """Full layers at ``tokens``, lazy ones at sink + window, and one more sink + window buffer
-        while a demotion copies the kept tokens out of a stored full layer (only when some layers are
-        stored full first and a full layer is larger than the ring)."""
-        lazy = self.adapter.shape.num_layers - n_full
-        ring = min(tokens, sink + window)
-        copy = demotes and 0 < n_full and lazy > 0 and tokens > ring
-        return self.per_token_layer * (n_full * tokens + lazy * ring + (ring if copy else 0))
+        return contiguous_footprint(self.per_token_layer, self.adapter.shape.num_layers, tokens, n_full, sink, window,
+                                    demotes)
 
     # ------------------------------------------------------------------ prefill
     def start_prefill(self, requests: Sequence[PrefillRequest]) -> PrefillTask:
