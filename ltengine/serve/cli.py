@@ -75,7 +75,12 @@ def build_server(args):
     if args.interleave_layers < 0:
         raise ValueError(f"--interleave-layers must be >= 0 (0 = off), got {args.interleave_layers}")
     lazy = _lazy(args)
+    from ..config import parse_bytes
+
+    parse_bytes(args.kv_budget)  # a bad size fails here, before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
     kwargs = {"interleave_layers": args.interleave_layers} if engine_accepts("interleave_layers") else {}
     if args.interleave_layers and not kwargs:
         raise ValueError("--interleave-layers: this engine build has no interleaved prefill")
