@@ -109,6 +109,7 @@ def _write_entry(model, tokenizer, entry: Path, marker: dict) -> None:
     from safetensors.torch import save_file
 
     entry.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale(entry)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
         # tied weights (lm_head = embed_tokens) are stored once, under the first name; loading re-ties
@@ -132,6 +133,20 @@ def _write_entry(model, tokenizer, entry: Path, marker: dict) -> None:
                 tmp.rename(entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+STALE_S = 3600  # a conversion takes under a minute: a temp dir this old was left by a killed process
+
+
+def _sweep_stale(entry: Path) -> None:
+    """Remove temp dirs of ``entry`` that a killed conversion left behind (each is the model's size)."""
+    now = time.time()
+    for old in entry.parent.glob(f".{entry.name}.*"):
+        try:
+            if old.is_dir() and now - old.stat().st_mtime > STALE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def cached_gguf(gguf: Path, root: Path | None = None) -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 
 import pytest
 import torch
@@ -126,7 +127,14 @@ def test_written_entry_round_trips(tmp_path, tied):
             pass
 
     entry = tmp_path / "gguf" / "tiny-0"
+    entry.parent.mkdir(parents=True)
+    stale, fresh = entry.parent / ".tiny-0.killed", entry.parent / ".tiny-0.writing"  # a killed / a live writer
+    for d in (stale, fresh):
+        d.mkdir()
+    os.utime(stale, (time.time() - 2 * loading.STALE_S,) * 2)
     loading._write_entry(model, NoTokenizer(), entry, {"format": loading.CACHE_FORMAT})
+    assert not stale.exists() and fresh.exists()
+    fresh.rmdir()
     assert sorted(p.name for p in entry.parent.iterdir()) == ["tiny-0"]
     loaded = AutoModelForCausalLM.from_pretrained(str(entry), dtype=torch.float32).eval()
     assert (loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()) == tied
