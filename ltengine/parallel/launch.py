@@ -16,7 +16,6 @@ import os
 import time
 import traceback
 import weakref
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -93,17 +92,16 @@ def _spawn(n: int, model, tokenizer, model_device: torch.device) -> TPGroup:
     deadline = time.monotonic() + step_timeout().total_seconds()
     try:
         for r, p in enumerate(procs, start=1):  # wait for each worker, failing fast if one dies starting
-            while True:
-                try:
-                    store.wait([_UP.format(r)], timedelta(seconds=1))
-                    break
-                except (RuntimeError, dist.DistStoreError):
-                    if not p.is_alive():
-                        raise RuntimeError(f"tensor-parallel worker rank {r} exited while starting "
-                                           f"(exit code {p.exitcode}); its traceback is on stderr") from None
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"tensor-parallel worker rank {r} did not start within "
-                                           f"{step_timeout()} (LTENGINE_TP_TIMEOUT)") from None
+            while not store.check([_UP.format(r)]):
+                if not p.is_alive():
+                    raise RuntimeError(f"tensor-parallel worker rank {r} exited while starting (exit code "
+                                       f"{p.exitcode}; its traceback is on stderr). A script that builds the "
+                                       "engine must do so under `if __name__ == \"__main__\":` (spawned "
+                                       "workers import it)")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"tensor-parallel worker rank {r} did not start within "
+                                       f"{step_timeout()} (LTENGINE_TP_TIMEOUT)")
+                time.sleep(0.05)
         group = _groups(0, n, _device(model_device, 0), store=store)
     except BaseException:
         for p in procs:
