@@ -120,8 +120,9 @@ class Engine:
         if self.has_unfinished():
             raise ValueError("kv_budget cannot change while requests are in flight")
         self._kv_budget = parse_bytes(value)
-        if self.tp is not None:
-            self.mirror.record("budget", value)
+        if self.tp is not None:  # None: the default every rank agreed on at start (None on CPU)
+            self._kv_budget = self._kv_budget if self._kv_budget is not None else self.tp.default_budget
+            self.mirror.record("budget", self._kv_budget)
         self._scheduler = None  # the runner and its pool are sized by the budget: rebuilt on next use
 
     @property

@@ -7,8 +7,12 @@ order). Each TP engine is built once per (family, runner) and closed, with its w
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +134,17 @@ def test_bad_tensor_parallel_sizes():
         Engine(model, SpacedIds(), tensor_parallel=4)
     with pytest.raises(ValueError, match="tensor_parallel must be an integer >= 1"):
         Engine(model, SpacedIds(), tensor_parallel=0)
+
+
+def test_torchrun_launch():
+    """Both ranks started by torchrun run the same script; rank 0 alone gets past ``Engine(...)``."""
+    script = Path(__file__).with_name("tp_torchrun_script.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", LTENGINE_TP_TIMEOUT="60",
+               PYTHONPATH=os.pathsep.join([str(script.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--standalone", str(script), "llama"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and len(lines) == 1, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    res = json.loads(lines[0].removeprefix("RESULT "))
+    assert all(res["tokens"]) and all(res["lazy"]) and all(res["kv"]) and res["demoted"] > 0, res

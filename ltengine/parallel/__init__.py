@@ -34,7 +34,7 @@ def attach(engine) -> None:
         # the engine's default (Engine._make_runner) from each rank's free memory; the smallest share wins
         free, _ = torch.cuda.mem_get_info(engine.adapter.device)
         share = group.reduce_host([int(free * 0.8) - (4 << 30)], "min")[0]
-        engine._kv_budget = int(share) * group.world
+        group.default_budget = engine._kv_budget = int(share) * group.world
     if group.driver:
         close_at_exit(engine)
     else:

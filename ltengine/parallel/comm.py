@@ -49,6 +49,7 @@ class TPGroup:
     workers: list = field(default_factory=list)  # spawned worker processes (rank 0 of a spawned engine)
     torchrun: bool = False  # launched by torchrun (every rank runs the user's script)
     owns_default: bool = False  # this engine initialised the default process group (and destroys it)
+    default_budget: int | None = None  # the CUDA default KV budget all ranks agreed on (total bytes)
 
     @property
     def driver(self) -> bool:
