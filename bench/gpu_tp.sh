@@ -27,6 +27,6 @@ echo "tests rc=$?"
 } 2>&1 | tee "$OUT/tp.log"
 
 echo "== bench/tp.py" | tee -a "$OUT/tp.log"
-LTENGINE_TP_TIMEOUT=120 timeout -s TERM 420 python3 bench/tp.py --deadline-s 330 "$@" 2>&1 | grep -v "FutureWarning\|return func(" | tee -a "$OUT/tp.log"
+LTENGINE_TP_TIMEOUT=120 timeout -s TERM 420 python3 bench/tp.py --deadline-s 330 "$@" 2>&1 | grep --line-buffered -v "FutureWarning\|return func(" | tee -a "$OUT/tp.log"
 echo "bench rc=$?" | tee -a "$OUT/tp.log"
 [ -f "$OUT/tp.md" ] && { echo "== RESULTS snippet ($OUT/tp.md)"; cat "$OUT/tp.md"; }

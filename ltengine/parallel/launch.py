@@ -114,7 +114,6 @@ def _spawn(n: int, model, tokenizer, model_device: torch.device) -> TPGroup:
 
 def _worker_main(rank: int, world: int, port: int, model, tokenizer) -> None:
     """A spawned rank: join, build the same engine as rank 0, mirror its steps until it stops."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     device = _device(next(model.parameters()).device, rank)
     store = dist.TCPStore("127.0.0.1", port, world, False, timeout=step_timeout())
     store.set(_UP.format(rank), "1")

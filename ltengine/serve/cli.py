@@ -79,10 +79,10 @@ def build_server(args):
     lazy = _lazy(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {"interleave_layers": args.interleave_layers} if engine_accepts("interleave_layers") else {}
-    if args.tensor_parallel != 1:
-        kwargs["tensor_parallel"] = args.tensor_parallel
     if args.interleave_layers and not kwargs:
         raise ValueError("--interleave-layers: this engine build has no interleaved prefill")
+    if args.tensor_parallel != 1:
+        kwargs["tensor_parallel"] = args.tensor_parallel
     print(f"ltengine serve: loading {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {device} ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, lazy=lazy, kv_budget=args.kv_budget, dtype=args.dtype, device=device,
                                     **kwargs)
