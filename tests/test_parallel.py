@@ -148,3 +148,15 @@ def test_torchrun_launch():
     assert proc.returncode == 0 and len(lines) == 1, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
     res = json.loads(lines[0].removeprefix("RESULT "))
     assert all(res["tokens"]) and all(res["lazy"]) and all(res["kv"]) and res["demoted"] > 0, res
+
+
+def test_plan_is_transformers_own_and_checked():
+    from ltengine.parallel import tp_plan
+
+    model = _model("qwen3")
+    assert model.config.base_model_tp_plan["layers.*.self_attn.o_proj"] == "rowwise"  # what sharding reads
+    plan = tp_plan(model)
+    assert plan["self_attn.q_proj"] == "colwise" and plan["mlp.down_proj"] == "rowwise"
+    model.config.base_model_tp_plan = {"layers.*.self_attn.o_proj": "colwise"}
+    with pytest.raises(ValueError, match="shards self_attn.o_proj as 'colwise'"):
+        tp_plan(model)
