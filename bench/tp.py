@@ -239,9 +239,15 @@ class TPBench:
             traceback.print_exc()
             self.notes.append(f"TP={tp} engine failed to start: {T._short(e)}")
             return
-        self.correctness(engine, tp)
-        self.budget_point(engine, tp)
-        engine.close()
+        try:
+            self.correctness(engine, tp)
+            self.budget_point(engine, tp)
+        finally:
+            try:
+                engine.close()
+            except Exception as e:  # noqa: BLE001 - a broken group: note it, go on to the next phase
+                traceback.print_exc()
+                self.notes.append(f"TP={tp} close failed: {T._short(e)}")
         del engine
         T.free_memory()
         if graphs is False:
