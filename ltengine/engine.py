@@ -46,10 +46,14 @@ class Engine:
             of them when a fraction is set); requests wait until what they need now fits.
         config: an ``EngineConfig``, or its fields as keyword arguments (runner, backend, block_size,
             max_prefill_tokens, overlap, score_layers, interleave_layers, progress, graphs).
+        tensor_parallel: ranks to shard the model over (``ltengine/parallel``): under ``torchrun
+            --nproc-per-node N`` each rank joins (ranks > 0 serve rank 0 inside this call, then exit);
+            otherwise ranks 1..N-1 are spawned here. Rank 0 drives; ``kv_budget`` is the total.
     """
 
     def __init__(self, model, tokenizer=None, lazy: LazyConfig | None = LazyConfig(),
-                 kv_budget: int | str | None = None, config: EngineConfig | None = None, **config_kwargs):
+                 kv_budget: int | str | None = None, config: EngineConfig | None = None, tensor_parallel=1,
+                 **config_kwargs):
         if model is None or isinstance(model, (str, os.PathLike)):
             model, loaded_tok = load_model(model)
             tokenizer = tokenizer or loaded_tok
@@ -60,7 +64,14 @@ class Engine:
         self.config = config if config is not None else EngineConfig(**config_kwargs)
         if not isinstance(self.config, EngineConfig):
             raise ValueError(f"config must be an EngineConfig, got {type(self.config).__name__}")
-        self.adapter = DecoderAdapter(model)
+        self.tp = None  # parallel.TPGroup of a tensor-parallel engine
+        if tensor_parallel != 1:
+            from . import parallel
+
+            model, tokenizer, settings, self.tp = parallel.start(
+                tensor_parallel, model, tokenizer, {"lazy": lazy, "kv_budget": kv_budget, "config": self.config})
+            lazy, kv_budget, self.config = settings["lazy"], settings["kv_budget"], settings["config"]
+        self.adapter = DecoderAdapter(model, shards=self.tp.world if self.tp is not None else 1)
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else find_tokenizer(model)
         if lazy is not None and not isinstance(lazy, LazyConfig):
@@ -82,6 +93,11 @@ class Engine:
         self._pending = None  # the decode step launched but not yet taken in (overlap)
         self.totals = {"prefill_s": 0.0, "decode_s": 0.0, "prompt_tokens": 0, "generation_tokens": 0}
         self.last_stats: dict = {}
+        if self.tp is not None:
+            parallel.attach(self)
+            if self.tp.torchrun and not self.tp.driver:  # ranks > 0 of a torchrun launch serve rank 0, then exit
+                parallel.serve(self)
+                raise SystemExit(0)
 
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike | None = None, lazy: LazyConfig | None | str = "default",
@@ -104,6 +120,9 @@ class Engine:
         if self.has_unfinished():
             raise ValueError("kv_budget cannot change while requests are in flight")
         self._kv_budget = parse_bytes(value)
+        if self.tp is not None:  # None: the default every rank agreed on at start (None on CPU)
+            self._kv_budget = self._kv_budget if self._kv_budget is not None else self.tp.default_budget
+            self.mirror.record("budget", self._kv_budget)
         self._scheduler = None  # the runner and its pool are sized by the budget: rebuilt on next use
 
     @property
@@ -117,7 +136,12 @@ class Engine:
     @property
     def scheduler(self) -> Scheduler:
         if self._scheduler is None:
-            self._scheduler = Scheduler(self._make_runner(), self.num_layers, self.max_prefill_tokens)
+            runner = self._make_runner()
+            if self.tp is not None:  # each rank holds 1/N of every sequence's KV: the scheduler sees totals
+                from .parallel import ShardedRunner
+
+                runner = ShardedRunner(runner, self.tp.world)
+            self._scheduler = Scheduler(runner, self.num_layers, self.max_prefill_tokens)
         return self._scheduler
 
     @property
@@ -126,6 +150,8 @@ class Engine:
 
     def _make_runner(self):
         a, budget = self.adapter, self._kv_budget
+        if self.tp is not None and budget is not None:
+            budget //= self.tp.world  # this rank's share
         if self.runner_kind == "reference":
             return ReferenceRunner(a, self.backend, budget)
         shape, dev, bs = a.shape, a.device, self.config.block_size
@@ -176,7 +202,10 @@ class Engine:
         generator = None
         if not params.greedy:  # its own RNG: the global one is never touched
             generator = torch.Generator(device=self.adapter.device)
-            generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            generator.manual_seed(seed)
+        if self.tp is not None:  # the other ranks replay it, with this seed
+            self.mirror.record("add", ids, params if generator is None else replace(params, seed=seed), lazy, rid)
         seq = Sequence(rid, ids, params, lazy, n_full, generator)
         self._requests[rid] = seq
         self.scheduler.waiting.append(seq)
@@ -190,6 +219,8 @@ class Engine:
         seq = self._requests.pop(request_id, None)
         if seq is None or seq.finished:
             return False
+        if self.tp is not None:
+            self.mirror.record("abort", request_id)
         seq.finish_reason, seq.text = "abort", self.prompts.decode(seq.tokens)
         for group in self._prefill_queue:
             if seq in group:
@@ -213,6 +244,10 @@ class Engine:
         self._pending = None
         self._scheduler = None
         self.adapter.unfuse()
+        if self.tp is not None and self.tp.driver and not self.mirror.stopped:
+            from .parallel import stop_workers
+
+            stop_workers(self)  # a tensor-parallel engine ends here: its ranks stop
 
     def metrics(self) -> dict:
         """Counters and gauges of the engine now (what a server exports)."""
@@ -227,6 +262,8 @@ class Engine:
         that advanced gained (finished ones carry their ``GenerationOutput``)."""
         from .stepper import step
 
+        if self.tp is not None:
+            self.mirror.sync()  # the other ranks replay this step's inputs, then run it too
         return step(self)
 
     # ------------------------------------------------------------------ public calls

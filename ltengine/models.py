@@ -37,9 +37,13 @@ class ModelShape:
 
 
 class DecoderAdapter:
-    """LLaMA-style decoder: LLaMA, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm per head)."""
+    """LLaMA-style decoder: LLaMA, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm per head).
 
-    def __init__(self, model: torch.nn.Module):
+    ``shards``: the tensor-parallel rank count the model was sharded over (``parallel.shard_model``);
+    ``shape`` then holds this rank's query and KV heads, and byte sizes are this rank's.
+    """
+
+    def __init__(self, model: torch.nn.Module, shards: int = 1):
         config = model.config
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED:
@@ -53,8 +57,8 @@ class DecoderAdapter:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.shape = ModelShape(
             num_layers=len(self.layers),
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
+            num_heads=config.num_attention_heads // shards,
+            num_kv_heads=config.num_key_value_heads // shards,
             head_dim=head_dim,
             max_context=int(getattr(config, "max_position_embeddings", 0) or 0) or 1 << 62,
             sliding_window=_active_sliding_window(config),

@@ -91,7 +91,7 @@ def _advance_prefill(engine, outs: dict) -> None:
         return
     engine._prefill = None
     tokens = sum(len(s.prompt) for s in group)
-    per_token = engine.adapter.kv_bytes_per_token_layer * engine.num_layers
+    per_token = engine.adapter.kv_bytes_per_token_layer * engine.num_layers * (engine.tp.world if engine.tp else 1)
     live = []
     for seq, res in zip(group, results):
         sched.prefilled(seq)

@@ -34,6 +34,8 @@ def add_subcommand(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LTENGINE_API_KEY, else open)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="shard the model over N GPUs of this host (ranks 1..N-1 are spawned; README 'Tensor parallelism')")
     p.add_argument("--interleave-layers", type=int, default=0,
                    help="between every k layers of a prefill, one decode step of the running requests (0 = off)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="request bodies over this get 413 (default 4 MiB)")
@@ -84,6 +86,8 @@ def build_server(args):
     kwargs = {"interleave_layers": args.interleave_layers} if engine_accepts("interleave_layers") else {}
     if args.interleave_layers and not kwargs:
         raise ValueError("--interleave-layers: this engine build has no interleaved prefill")
+    if args.tensor_parallel != 1:
+        kwargs["tensor_parallel"] = args.tensor_parallel
     print(f"ltengine serve: loading {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {device} ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, lazy=lazy, kv_budget=args.kv_budget, dtype=args.dtype, device=device,
                                     **kwargs)
