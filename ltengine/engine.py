@@ -318,13 +318,8 @@ class Engine:
         full attention. ``mode``: "question" (the default: the document stays full, each question is
         scored on its own probe queries and gets its own lazy layers) or "context" (the document is
         scored and demoted once on its own tail; the least memory). See ``ltengine/session.py``."""
-        from .session import DEFAULT_MODE, MODES, DocumentSession
+        from .session import DocumentSession
 
-        mode = DEFAULT_MODE if mode is None else mode
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES} (or None for {DEFAULT_MODE!r}), got {mode!r}")
-        if not isinstance(template, bool):
-            raise ValueError(f"template must be True or False, got {template!r}")
         return DocumentSession(self, document, self._lazy_for(lazy), mode, template)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:

@@ -48,10 +48,16 @@ class DocumentSession:
     (or leaving a ``with`` block) gives the document's memory back: at once for what no question
     reads, and a shared block once the last question reading it finishes. Attributes:
     ``doc_tokens``, ``mode``, ``lazy`` (the session's LazyConfig), ``lazy_layers`` and
-    ``layer_scores`` (the document's, in context mode), ``prefill_s``, ``kv_bytes`` (the document's).
+    ``layer_scores`` (the document's, in context mode), ``prefill_s``, ``kv_bytes`` (the document's); a
+    question's ``stats.prefill_s`` is its own prefill on top of the document.
     """
 
-    def __init__(self, engine, document, lazy: LazyConfig, mode: str, template: bool):
+    def __init__(self, engine, document, lazy: LazyConfig, mode: str | None, template: bool):
+        mode = DEFAULT_MODE if mode is None else mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} (or None for {DEFAULT_MODE!r}), got {mode!r}")
+        if not isinstance(template, bool):
+            raise ValueError(f"template must be True or False, got {template!r}")
         self.engine, self.lazy, self.mode, self.template = engine, lazy, mode, template
         self.runner = engine._session_runner()
         self._ids = itertools.count()
