@@ -6,7 +6,9 @@ sessions' own under the same ``kv_budget``). Every question then prefills only i
 top of the cached document (``runners/prefix.py``) and decodes from its own copy-on-write view: the
 document's whole blocks are shared (reference-counted in ``KVPool``), each question has its own
 tail blocks and its own ring per lazy layer. The budget holds the document once plus each
-question's own part. Two ways to choose the lazy layers:
+question's own part. Questions decode as one batch: on CUDA through the paged runner (Triton, CUDA
+graphs), elsewhere by cascade attention that reads the shared blocks once per step for the batch
+(``runners/cascade.py``). Two ways to choose the lazy layers:
 
 - ``mode="context"`` (context-scored): the document is scored and demoted once on its own last
   ``probe`` queries; every question runs on that hybrid cache (the least memory: the shared
@@ -32,6 +34,7 @@ from .lazy import FullPolicy, make_policy, needs_scores, plan_full_layers
 from .memory.pool import PoolExhausted
 from .prompts import QA_TEMPLATE
 from .runners.base import PrefillRequest
+from .runners.cascade import SharedPrefixDecode
 from .runners.prefix import fork, fork_blocks, prefill_on_prefix
 from .sequence import GenerationOutput, RequestOutput, Sequence, SequenceStatus
 from .stepper import _sample, _stopped
@@ -68,6 +71,10 @@ class DocumentSession:
         self.doc_tokens = len(ids)
         engine.prompts.check_length(len(ids), 1, "document")
         self._prefill(ids)
+        # decode chosen once: on CUDA the paged runner's (Triton, CUDA graphs); elsewhere cascade
+        # attention that reads the shared document once per step for the whole batch
+        cuda = engine.adapter.device.type == "cuda"
+        self._decode = self.runner.decode if cuda else SharedPrefixDecode(self.runner, self.doc, self.doc_tokens)
 
     # ------------------------------------------------------------------ the document
     def _document_ids(self, document) -> tuple[str | None, list[int]]:
@@ -222,7 +229,7 @@ class DocumentSession:
             dev = self.engine.adapter.device
             toks = torch.tensor([s.tokens[-1] for s in live], device=dev)
             pos = torch.tensor([s.length - 1 for s in live], device=dev)
-            nxt = _sample(self.runner.decode([s.handle for s in live], toks, pos), live).tolist()
+            nxt = _sample(self._decode([s.handle for s in live], toks, pos), live).tolist()
             self.engine.totals["decode_s"] += time.perf_counter() - t0
             by_id = {o.request_id: o for o in outs}
             for seq, tok in zip(live, nxt):

@@ -13,6 +13,7 @@ from conftest import FAMILIES, CharTokenizer, random_prompts, tiny_model
 from reference_attention import masked_generate
 
 from ltengine import Engine, LazyConfig, SamplingParams
+from ltengine.runners.cascade import SharedPrefixDecode
 from ltengine.runners.prefix import fork_blocks
 
 MODES = ("question", "context")
@@ -206,7 +207,7 @@ def test_default_model_with_the_qa_template(default_model):
     from ltengine.data import chapter
 
     engine = Engine(model, tokenizer, lazy=None)
-    doc = chapter(1)
+    doc = chapter(1)[:2400]  # ~600 tokens: this machine's CPU time
     qs = ["Who has taken Netherfield Park?", "How many daughters do the Bennets have?"]
     fresh = [engine.answer(doc, q, max_new_tokens=20) for q in qs]
     with engine.document(doc) as s:  # the prompt split at the document's end tokenizes as a whole
@@ -220,3 +221,23 @@ def test_default_model_with_the_qa_template(default_model):
         out = s.ask(qs[0], max_new_tokens=20)
     assert out.lazy_layers == fresh.lazy_layers and out.token_ids == fresh.token_ids
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cascade_decode_matches_the_paged_runner(mode):
+    # CPU sessions decode by cascade attention (the shared blocks read once for the batch); the paged
+    # runner's own decode over the same block tables must give the same logits (fp32 rounding apart)
+    engine = _engine("qwen3")
+    doc, q1, q2, q3 = random_prompts(17, [450, 9, 20, 3])
+    with engine.document(doc, template=False, lazy=LAZY, mode=mode) as s:
+        rids = [s.add(q) for q in (q1, q2, q3)]
+        for _ in range(5):
+            s.step()
+        seqs = [s._live[r] for r in rids]
+        handles = [x.handle for x in seqs]
+        toks = torch.tensor([x.tokens[-1] for x in seqs])
+        pos = torch.tensor([x.length - 1 for x in seqs])
+        cascade = s._decode(handles, toks, pos)  # writes the same K/V to the same slots as the next call
+        paged = s.runner.decode(handles, toks, pos)
+    assert isinstance(s._decode, SharedPrefixDecode)
+    torch.testing.assert_close(cascade, paged, rtol=1e-5, atol=1e-5)
