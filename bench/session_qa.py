@@ -76,13 +76,16 @@ def main() -> None:
         t_doc = time.perf_counter() - t0
         batch = s.ask_many(qs, **kw)
     t_many = time.perf_counter() - t0
+    print(f"session ask_many: {t_many:.1f} s (document prefill {t_doc:.1f} s)", flush=True)
     t0 = time.perf_counter()
     with engine.document(doc, mode=args.mode) as s:
         one = [s.ask(q, **kw) for q in qs]
     t_one = time.perf_counter() - t0
+    print(f"session ask one by one: {t_one:.1f} s", flush=True)
     t0 = time.perf_counter()
     sep = [engine.answer(doc, q, **kw) for q in qs]
     t_sep = time.perf_counter() - t0
+    print(f"{len(qs)} answer calls: {t_sep:.1f} s", flush=True)
 
     same_batch = sum(a.token_ids == b.token_ids for a, b in zip(batch, sep))
     same_one = sum(a.token_ids == b.token_ids for a, b in zip(one, sep))
