@@ -186,11 +186,14 @@ def cmd_qa(args) -> int:
     lazy, kw, device = _checked(args, 96)
     engine = _engine(args, lazy, device)
     print(f"document: {name}, {len(document)} characters", file=sys.stderr)
+    # one document session: the document is prefilled once, the questions decode as one batch
+    with engine.document(document, mode=args.mode) as doc:
+        outs = doc.ask_many(questions, **kw)
     if len(questions) == 1:
         print(f"question: {questions[0]}\n", file=sys.stderr)
-        _print_result(engine.answer(document, questions[0], **kw))
+        _print_result(outs[0])
         return 0
-    for q, out in zip(questions, engine.answer(document, questions, **kw)):
+    for q, out in zip(questions, outs):
         print(f"\nQ: {q}")
         _print_result(out)
     return 0
@@ -223,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--question", action="append", help="a question (repeat for several, answered as one batch; "
                    "default: one about the shipped chapters)")
     q.add_argument("--questions", help="a text file of questions, one a line")
+    q.add_argument("--mode", default=None, choices=["question", "context"],
+                   help="document session: lazy layers chosen per question (default) or once on the document's tail")
     _add_model_args(q)
     q.set_defaults(func=cmd_qa)
     i = sub.add_parser("info", help="which kernel backend runs each op")

@@ -86,6 +86,7 @@ class Engine:
         self.prompts = Prompts(self.tokenizer, self.adapter)
         self._kv_budget = parse_bytes(kv_budget)
         self._scheduler: Scheduler | None = None
+        self._sessions_runner = None  # sessions' paged runner when the engine decodes with the reference one
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._prefill_queue: deque[list[Sequence]] = deque()
@@ -123,6 +124,7 @@ class Engine:
         if self.tp is not None:  # None: the default every rank agreed on at start (None on CPU)
             self._kv_budget = self._kv_budget if self._kv_budget is not None else self.tp.default_budget
             self.mirror.record("budget", self._kv_budget)
+        self._sessions_runner = None
         self._scheduler = None  # the runner and its pool are sized by the budget: rebuilt on next use
 
     @property
@@ -148,11 +150,20 @@ class Engine:
     def runner(self):
         return self.scheduler.runner
 
-    def _make_runner(self):
+    def _session_runner(self):
+        """The paged runner document sessions use: the engine's own, or (on an engine that decodes
+        with the reference runner) one of the sessions' own, with its own pool under the same budget."""
+        if self.runner_kind == "paged":
+            return self.runner
+        if self._sessions_runner is None:
+            self._sessions_runner = self._make_runner("paged")
+        return self._sessions_runner
+
+    def _make_runner(self, kind: str | None = None):
         a, budget = self.adapter, self._kv_budget
         if self.tp is not None and budget is not None:
             budget //= self.tp.world  # this rank's share
-        if self.runner_kind == "reference":
+        if (kind or self.runner_kind) == "reference":
             return ReferenceRunner(a, self.backend, budget)
         shape, dev, bs = a.shape, a.device, self.config.block_size
         per_block = KVPool.block_bytes(bs, shape.num_kv_heads, shape.head_dim, a.dtype)
@@ -242,7 +253,7 @@ class Engine:
         for rid in list(self._requests):
             self.abort(rid)
         self._pending = None
-        self._scheduler = None
+        self._scheduler = self._sessions_runner = None
         self.adapter.unfuse()
         if self.tp is not None and self.tp.driver and not self.mirror.stopped:
             from .parallel import stop_workers
@@ -324,13 +335,32 @@ class Engine:
 
     def answer(self, document: str, question: str | list[str], max_new_tokens: int = 128, **kwargs):
         """Long-document QA: the document first, the question last, in one chat turn. A list of
-        questions is answered as one batch (a list of outputs, in order); each question's prompt holds
-        the whole document (document sessions that prefill it once are issue 13, not built yet)."""
+        questions goes through one document session (the document prefilled once, the questions
+        decoded as one batch; a list of outputs, in order); ``lazy`` and sampling keywords as in
+        ``generate``."""
         if isinstance(question, (list, tuple)):
             if not question:
                 raise ValueError("answer() needs at least one question")
-            return self.generate([self.prompts.qa(document, q) for q in question], max_new_tokens, **kwargs)
+            lazy = kwargs.pop("lazy", "engine")
+            with self.document(document, lazy=lazy) as doc:
+                return doc.ask_many(list(question), max_new_tokens, **kwargs)
         return self.generate(self.prompts.qa(document, question), max_new_tokens, **kwargs)
+
+    def document(self, document, *, lazy: LazyConfig | None | str = "engine", template: bool = True,
+                 mode: str | None = None):
+        """Prefill a long document once and return a ``DocumentSession`` that answers questions on it
+        (``ask``, ``ask_many``, ``close``; a context manager). ``document``: text (wrapped in the QA chat
+        template, as ``answer`` does, with ``template=True``) or, with ``template=False``, raw text or
+        token ids to which each question is appended. ``lazy``: the engine's config by default; None is
+        full attention. ``mode``: "question" (the default: the document stays full, each question is
+        scored on its own probe queries and gets its own lazy layers) or "context" (the document is
+        scored and demoted once on its own tail; the least memory). See ``ltengine/session.py``."""
+        from .session import DocumentSession
+
+        if self.tp is not None:
+            raise ValueError("document sessions do not run on a tensor-parallel engine yet "
+                             "(tensor_parallel=1 has them); use generate/answer per question there")
+        return DocumentSession(self, document, self._lazy_for(lazy), mode, template)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.prompts.chat(messages)

@@ -37,14 +37,17 @@ def _sink_window_attention(lazy_layers, prompt_len, sink, window):
 
 
 @torch.inference_mode()
-def masked_generate(model, ids: list[int], lazy_layers, sink: int, window: int, max_new_tokens: int) -> list[int]:
+def masked_generate(model, ids: list[int], lazy_layers, sink: int, window: int, max_new_tokens: int,
+                    full_until: int | None = None) -> list[int]:
     """Greedy tokens of the model's own forward with a full DynamicCache and sink+window masks on
-    ``lazy_layers`` for every query after the prompt (an explicit loop: the reference stays readable)."""
+    ``lazy_layers`` for every query after the prompt, or after its first ``full_until`` tokens (a
+    document session's document; an explicit loop: the reference stays readable)."""
     from transformers import DynamicCache
 
     # a fresh name each call: the registry keeps the first function registered under a name
     name = f"ltengine_sink_window_reference_{next(_names)}"
-    AttentionInterface.register(name, _sink_window_attention(set(lazy_layers), len(ids), sink, window))
+    AttentionInterface.register(name, _sink_window_attention(set(lazy_layers), len(ids) if full_until is None else full_until,
+                                                              sink, window))
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:

@@ -5,6 +5,9 @@ A block holds ``block_size`` tokens of one layer of one sequence, all KV heads: 
 full layer owns ``ceil(tokens / block_size)`` blocks and gains one more as decode crosses a block
 boundary; a lazy layer owns at most ``ceil((sink + window) / block_size)``. Truncation, finishing and
 preemption hand blocks back at once.
+
+Blocks are reference-counted so that a document session's prefix is held once and read by every
+question on it (``share``): ``free`` drops one reference, and a block returns to the pool with its last.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class KVPool:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low block ids first
+        self._refs = [0] * num_blocks  # holders of each block (0: free)
         self.peak_used = 0
 
     @staticmethod
@@ -63,15 +67,36 @@ class KVPool:
                 raise PoolExhausted(f"KV pool has {len(self._free)} free blocks, {n} requested")
             self._grow(max(self.num_blocks, n - len(self._free)))
         out = [self._free.pop() for _ in range(n)]
+        for b in out:
+            self._refs[b] = 1
         self.peak_used = max(self.peak_used, self.used_blocks)
         return out
 
+    def share(self, blocks: list[int]) -> None:
+        """One more holder of each of ``blocks`` (already allocated): a session's question reading them."""
+        for b in blocks:
+            if self._refs[b] < 1:
+                raise RuntimeError(f"KV pool block {b} is free; only allocated blocks can be shared")
+            self._refs[b] += 1
+
+    def refs(self, block: int) -> int:
+        return self._refs[block]
+
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Drop one reference to each block; a block with no holder left goes back to the pool."""
+        back = []
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                back.append(b)
+            elif self._refs[b] < 0:
+                raise RuntimeError(f"KV pool block {b} freed more often than it was allocated and shared")
+        self._free.extend(reversed(back))
 
     def _grow(self, extra: int) -> None:
         old = self.num_blocks
         self.k = torch.cat([self.k, self.k.new_empty((extra, *self.k.shape[1:]))])
         self.v = torch.cat([self.v, self.v.new_empty((extra, *self.v.shape[1:]))])
         self.num_blocks = old + extra
+        self._refs += [0] * extra
         self._free = list(range(self.num_blocks - 1, old - 1, -1)) + self._free

@@ -96,7 +96,9 @@ class PagedRunner(Runner):
         s = adapter.shape
         self.scratch = pool.alloc(1)[0]  # padded batch rows write here, never into a live block
         self.capacity = None if pool.growable else (pool.num_blocks - 1) * pool.bytes_per_block
-        self.max_blocks = max(1, pool.blocks_for(min(s.max_context, pool.num_blocks * pool.block_size)))
+        # a growable pool's tables must reach the model's context, not its first size
+        reach = min(s.max_context, 1 << 20) if pool.growable else min(s.max_context, pool.num_blocks * pool.block_size)
+        self.max_blocks = max(1, pool.blocks_for(reach))
         self.graphs = (pool.k.device.type == "cuda" and not pool.growable) if graphs is None else graphs
         # fused decode kernels (CUDA, fp16/bf16); the HF modules otherwise
         self.fused = adapter.fused_weights() if fused_step and fused.available(pool.k.device, pool.k.dtype) else None
