@@ -68,7 +68,7 @@ def markdown(summary: dict, configs: list[str], tasks: list[str], lengths: list[
         share = ", ".join(f"{100 * r[k]:.0f}%" if r.get(k) is not None else "-" for k in cols[:-1])
         lines.append(f"| {c} | " + " | ".join(_pct(avg[c].get(k)) for k in cols) + f" | {share} |")
     run = [c for c in configs if c not in skipped]
-    for L in lengths:
+    for L in lengths if run else []:
         lines += ["", f"### {L} tokens", "", "| task | " + " | ".join(run) + " |", "|" + "---|" * (len(run) + 1)]
         for t in tasks:
             lines.append(f"| {t} | " + " | ".join(_pct(summary["cells"][c][t].get(str(L))) for c in run) + " |")
@@ -87,6 +87,8 @@ def write(out_dir: str | Path, records: list[dict], configs: list[str], tasks: l
                                                            tasks=tasks, lengths=lengths, configs=configs, n=n,
                                                            records=records, **meta))
     run = [c for c in configs if c not in skipped]
+    if not run:  # every config skipped: tables only
+        return dict(md=md_path, json=js_path)
     grid = []
     for t in tasks:
         row = []
@@ -99,3 +101,20 @@ def write(out_dir: str | Path, records: list[dict], configs: list[str], tasks: l
                              f"RULER string_match_all (%), mean over {', '.join(map(str, lengths))} tokens; "
                              f"N = {n} per task and length")
     return dict(md=md_path, json=js_path, png=png)
+
+
+def merge(json_paths: list[str | Path], out_dir: str | Path, stem: str = "ruler") -> dict[str, Path]:
+    """One table from several ``ruler.json`` runs of the same tasks, configs and N (e.g. one per
+    length, run as separate processes so a time limit loses only the unfinished lengths)."""
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in json_paths]
+    if not runs:
+        raise ValueError("merge needs at least one ruler.json")
+    first = runs[0]
+    lengths = sorted({L for r in runs for L in r["lengths"]})
+    records = [rec for r in runs for rec in r["records"]]
+    skipped = {k: v for r in runs for k, v in r["skipped"].items()}
+    meta = dict(merged_from=[str(p) for p in json_paths], runtime_s=sum(r.get("runtime_s", 0) for r in runs),
+                model=first.get("model"), date=first.get("date"), torch=first.get("torch"), seed=first.get("seed"))
+    return write(out_dir, records, first["configs"], first["tasks"], lengths, first["n"], skipped, meta, stem)

@@ -133,23 +133,38 @@ class _Builder:
         return self.tok(s, add_special_tokens=False)["input_ids"]
 
     def fit(self, make, n0: int) -> tuple[str, list[int]]:
-        """``make(n)`` -> context text with ``n`` haystack units; the largest n within the budget."""
-        size = lambda n: len(self.enc(make(n)))  # noqa: E731
+        """``make(n)`` -> context text with ``n`` haystack units: a unit count whose context is within
+        the budget and at most half the tolerance below it (secant steps, then bisection)."""
+        cache: dict[int, int] = {}
+
+        def size(n: int) -> int:
+            if n not in cache:
+                cache[n] = len(self.enc(make(n)))
+            return cache[n]
+
+        slack = tolerance(self.length) // 2
+        good = lambda n: self.budget - slack <= size(n) <= self.budget  # noqa: E731
         lo, hi, n = 0, None, max(1, n0)
-        if size(n) > self.budget:
-            hi = n
-        else:
-            lo = n
-            while hi is None:  # grow in proportion to the room left until over budget
-                s = size(lo)
-                n = max(lo + 1, int(lo * self.budget / max(1, s)) + 1)
-                if size(n) <= self.budget:
-                    if size(n) == s:
-                        raise ValueError(f"{self.task}: the haystack ran out at {s} of {self.budget} tokens")
-                    lo = n
-                else:
-                    hi = n
-        while hi - lo > 1:
+        for _ in range(8):  # tokens are nearly proportional to units: a few secant steps land inside
+            if good(n):
+                lo = hi = n
+                break
+            if size(n) <= self.budget:
+                lo = max(lo, n)
+            else:
+                hi = n if hi is None else min(hi, n)
+            target = self.budget - slack / 2
+            n = max(1, round(n * target / max(1, size(n))))
+            if n in (lo, hi) or (hi is not None and not lo < n < hi):
+                break
+        if hi is None:
+            while size(lo) <= self.budget:  # grow until over budget (the rare short first guess)
+                if size(2 * lo + 1) == size(lo):
+                    raise ValueError(f"{self.task}: the haystack ran out at {size(lo)} of {self.budget} tokens")
+                lo, hi = (2 * lo + 1, None) if size(2 * lo + 1) <= self.budget else (lo, 2 * lo + 1)
+                if hi is not None:
+                    break
+        while hi - lo > 1 and not good(lo):
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if size(mid) <= self.budget else (lo, mid)
         text = make(lo)
@@ -270,6 +285,9 @@ def cwe_sample(tokenizer, length: int, rng: random.Random, index: int = 0, n_com
     common, rare = words[:n_common], words[n_common:]
     entries = b.budget // 5  # "123. word" is about 5 tokens
     freq = max(2 * rare_freq, min(30, int(0.4 * entries / n_common)))
+    if n_common * freq > 0.8 * entries:
+        raise ValueError(f"cwe: length {length} leaves room for {entries} list entries, too few for {n_common} "
+                         f"words at {freq} repeats each; use a length of at least 512")
     order_seed = rng.random()
 
     def make(n_rare: int) -> str:
