@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--session-n", type=int, default=5)
     p.add_argument("--chunk", type=int, default=8)
+    p.add_argument("--workers", type=int, default=12, help="processes generating the samples")
     p.add_argument("--main", default=MAIN)
     p.add_argument("--heldout", default=HELDOUT)
     p.add_argument("--heldout-seed", type=int, default=1000)
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
             t1 = time.perf_counter()
             out = Path(a.out) / f"{stage}_{L}"
             commands.ruler(engine, out, a.tasks.split(","), [L], n, configs, seed, a.chunk,
-                           dict(stage=stage, configs=names, n=n, seed=seed, lengths=[L], device=a.device, dtype=a.dtype))
+                           dict(stage=stage, configs=names, n=n, seed=seed, lengths=[L], device=a.device, dtype=a.dtype),
+                           workers=a.workers)
             cost[(stage, L)] = time.perf_counter() - t1
             msg = f"{stage} {L}: {cost[(stage, L)]:.1f} s ({n} x {len(a.tasks.split(','))} prompts, {len(configs)} configs)"
             print(msg, flush=True)

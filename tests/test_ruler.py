@@ -50,6 +50,8 @@ def test_samples_are_fixed_by_seed_and_independent_of_the_grid(tok):
     assert make_sample(tok, "niah_single_2", 512, 7, 0).ids == a[0].ids
     assert make_sample(tok, "niah_single_2", 512, 8, 0).ids != a[0].ids
     assert a[0].ids != a[1].ids and a[0].answers != a[1].answers
+    forked = make_samples(tok, ["niah_single_2", "cwe"], [512], 2, seed=7, workers=2)
+    assert [s.ids for s in forked] == [s.ids for s in a] and [s.answers for s in forked] == [s.answers for s in a]
 
 
 def test_task_structure(tok):

@@ -114,6 +114,7 @@ def _ruler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--chunk", type=int, default=4, help="prompts prefilled, then decoded together as one batch")
+    p.add_argument("--workers", type=int, default=1, help="processes that generate the samples (tokenizing)")
     p.add_argument("--model", default=None, help="local path, .gguf or hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
@@ -143,6 +144,7 @@ def cmd_ruler(args, engine=None) -> int:
     except ValueError as e:
         raise SystemExit(f"ltengine eval ruler: error: --configs: {e}")
     checks = [(args.n >= 1, f"--n must be >= 1, got {args.n}"), (args.chunk >= 1, f"--chunk must be >= 1, got {args.chunk}"),
+              (args.workers >= 1, f"--workers must be >= 1, got {args.workers}"),
               (args.sink >= 0, f"--sink must be >= 0, got {args.sink}"), (args.window >= 1, f"--window must be >= 1, got {args.window}"),
               (bool(configs), "--configs is empty"), (len({c.key for c in configs}) == len(configs), f"--configs repeats a name: {args.configs}")]
     for ok, msg in checks:
@@ -150,7 +152,7 @@ def cmd_ruler(args, engine=None) -> int:
             raise SystemExit(f"ltengine eval ruler: error: {msg}")
     engine = engine or _engine(args)
     paths = commands.ruler(engine, args.out, args.tasks, args.lengths, args.n, configs, args.seed, args.chunk,
-                           _args_dict(args))
+                           _args_dict(args), workers=args.workers)
     print(Path(paths["md"]).read_text())
     _print_paths(paths)
     return 0

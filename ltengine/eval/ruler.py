@@ -21,12 +21,34 @@ from tqdm.auto import tqdm
 from ..runners.reference import decode_step
 from .harness import shared_prefill
 from .ruler_configs import RulerConfig
-from .ruler_tasks import RulerSample, make_sample, string_match_all, string_match_part
+from .ruler_tasks import RulerSample, make_sample, novel_sentences, novel_words, string_match_all, string_match_part
 
 
-def make_samples(tokenizer, tasks: list[str], lengths: list[int], n: int, seed: int) -> list[RulerSample]:
-    """``n`` samples per (task, length); sample i of a cell depends only on (seed, task, length, i)."""
-    return [make_sample(tokenizer, t, L, seed, i) for L in lengths for t in tasks for i in range(n)]
+_TOKENIZER = None  # the forked workers' tokenizer (inherited, never pickled)
+
+
+def _make(job: tuple) -> RulerSample:
+    return make_sample(_TOKENIZER, *job)
+
+
+def make_samples(tokenizer, tasks: list[str], lengths: list[int], n: int, seed: int,
+                 workers: int = 1) -> list[RulerSample]:
+    """``n`` samples per (task, length); sample i of a cell depends only on (seed, task, length, i).
+    ``workers`` > 1 tokenizes in forked processes (the same samples, in the same order)."""
+    global _TOKENIZER
+    jobs = [(t, L, seed, i) for L in lengths for t in tasks for i in range(n)]
+    if workers <= 1 or len(jobs) < 2 * workers:
+        return [make_sample(tokenizer, *j) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    _TOKENIZER = tokenizer
+    novel_sentences(), novel_words()  # built once here, inherited by the workers
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            return list(pool.map(_make, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    finally:
+        _TOKENIZER = None
 
 
 @torch.inference_mode()

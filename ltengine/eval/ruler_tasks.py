@@ -284,10 +284,11 @@ def cwe_sample(tokenizer, length: int, rng: random.Random, index: int = 0, n_com
     rng.shuffle(words)
     common, rare = words[:n_common], words[n_common:]
     entries = b.budget // 5  # "123. word" is about 5 tokens
-    freq = max(2 * rare_freq, min(30, int(0.4 * entries / n_common)))
+    freq = max(rare_freq + 1, min(30, int(0.4 * entries / n_common)))  # common words: up to 40% of the list
     if n_common * freq > 0.8 * entries:
+        more = 5 * (int(n_common * freq / 0.8) - entries)
         raise ValueError(f"cwe: length {length} leaves room for {entries} list entries, too few for {n_common} "
-                         f"words at {freq} repeats each; use a length of at least 512")
+                         f"words at {freq} repeats each; use a length of at least {length + more}")
     order_seed = rng.random()
 
     def make(n_rare: int) -> str:
