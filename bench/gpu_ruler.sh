@@ -19,7 +19,7 @@ export LTENGINE_CACHE=${LTENGINE_CACHE:-/tmp/ltengine-cache}
 # the de-quantizing GGUF load (20-50 s) happens inside; every stage ends by START + 440 s (8 min = 480)
 DEADLINE=$(( START + ${RULER_SECONDS:-440} ))
 echo "setup took $(( $(date +%s) - START )) s; stages end by $(date -u -d @$DEADLINE +%T) UTC"
-python3 bench/ruler_gpu.py --model "$LTENGINE_GGUF" --device cuda --out "$OUT" --deadline "$DEADLINE" "$@" 2>&1 \
+timeout $(( DEADLINE - $(date +%s) + 25 )) python3 bench/ruler_gpu.py --model "$LTENGINE_GGUF" --device cuda --out "$OUT" --deadline "$DEADLINE" "$@" 2>&1 \
   | tee "$OUT/gpu_ruler.log" | grep -v "prompt/s\]$"
 echo "wall $(( $(date +%s) - START )) s"
 echo "==== $OUT/RESULTS_ruler.md"; cat "$OUT/RESULTS_ruler.md" 2>/dev/null
