@@ -23,7 +23,7 @@ from ltengine.eval.ruler_tasks import TASKS  # noqa: E402
 from ltengine.models import load_model  # noqa: E402
 
 MAIN = "full,ratio25,ratio50,peak25,peak50,random50,streaming"
-HELDOUT = "full,ratio50,peak50,peak50-p64,headmin50"
+HELDOUT = "full,ratio50,peak50,peak50-p64"  # the CPU pilot: peak p16 > p64 > ratio; peak32 and headmin worse
 SESSIONS = "session-full,session-context,session-question"
 
 
