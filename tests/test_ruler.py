@@ -12,7 +12,8 @@ import pytest
 from ltengine import Engine, cli
 from ltengine.eval import cli as eval_cli
 from ltengine.eval.harness import greedy, shared_prefill
-from ltengine.eval.ruler import greedy_batch, make_samples
+from ltengine.eval.ruler import make_samples
+from ltengine.eval.ruler_decode import Job, batched_greedy
 from ltengine.eval.ruler_configs import parse_config
 from ltengine.eval.ruler_tasks import TASKS, make_sample, string_match_all, string_match_part, tolerance
 from ltengine.eval.stats import mean_interval, wilson
@@ -101,18 +102,27 @@ def test_config_names():
             parse_config(bad)
 
 
-def test_batched_decode_of_one_cache_equals_the_harness(engine, tok):
-    """One job through greedy_batch decodes the tokens harness.greedy does (same shapes, same numbers)."""
-    s = make_sample(tok, "niah_single_1", 512, 0, 0)
-    sp = shared_prefill(engine.adapter, s.ids, 16)
-    layers = parse_config("peak50").eval_config(len(s.ids), sp.num_layers).lazy_layers(sp)
-    mk = lambda: sp.build_cache(layers, 4, 64, len(s.ids) + 12, engine.backend)  # noqa: E731
-    want = greedy(engine.adapter, engine.backend, [mk()], sp.logits, len(s.ids), 12, engine.eos_ids)[0]
-    got = greedy_batch(engine.adapter, engine.backend, [dict(cache=mk(), logits=sp.logits, prompt_len=len(s.ids),
-                                                             max_new=12, answers=["\x00never"])],
-                       engine.eos_ids, lambda t: tok.decode(t))[0]
-    sp.release()
+def test_batched_decode_equals_the_harness(engine, tok):
+    """Full, lazy and all-streaming sequences of two prompts decoded as one padded batch give the tokens
+    harness.greedy gives each one alone through the backend's kernels (sink + window eviction included:
+    the prompts are longer than sink + window and 20 tokens are decoded)."""
+    samples = [make_sample(tok, t, 512, 0, 0) for t in ("niah_single_1", "vt")]
+    sps = [shared_prefill(engine.adapter, s.ids, 16) for s in samples]
+    n = sps[0].num_layers
+    sets = [[], parse_config("peak50").eval_config(512, n).lazy_layers(sps[0]), list(range(n))]
+    jobs, want = [], []
+    for s, sp in zip(samples, sps):
+        for layers in sets:
+            cache = sp.build_cache(layers, 4, 64, len(s.ids) + 20, engine.backend)
+            want.append(greedy(engine.adapter, engine.backend, [cache], sp.logits, len(s.ids), 20, set())[0])
+            jobs.append(Job(sp.full, frozenset(layers), 4, 64, sp.logits, len(s.ids), 20, ["\x00never"]))
+    got = batched_greedy(engine.adapter, jobs, set(), lambda t: tok.decode(t))
     assert got == want
+    with pytest.raises(ValueError, match="window 8 is shorter than the 20 decoded tokens"):
+        batched_greedy(engine.adapter, [Job(sps[0].full, frozenset([0]), 4, 8, sps[0].logits, len(samples[0].ids), 20,
+                                            ["x"])], set(), lambda t: "")
+    for sp in sps:
+        sp.release()
 
 
 @pytest.fixture
