@@ -59,7 +59,7 @@ def add_subcommands(sub) -> None:
     _common(p, "out/profile")
     p.set_defaults(func=cmd_profile)
 
-    e = sub.add_parser("eval", help="passkey / needle-in-a-haystack / perplexity across lazy policies")
+    e = sub.add_parser("eval", help="passkey / needle-in-a-haystack / perplexity / RULER across lazy policies")
     tasks = e.add_subparsers(dest="task", required=True)
     pk = tasks.add_parser("passkey", help="pass key in novel text at a random depth; exact match")
     pk.add_argument("--n", type=int, default=50, help="prompts per length")
@@ -84,6 +84,78 @@ def add_subcommands(sub) -> None:
     _common(pp, "out/eval")
     for q in (pk, nh, pp):
         q.set_defaults(func=cmd_eval)
+    _ruler_args(tasks.add_parser("ruler", help="RULER's synthetic tasks (NIAH x8, vt, cwe, fwe) x lengths x configs"))
+
+
+def _lengths(s: str) -> list[int]:
+    """"1k,2k,4096" -> [1024, 2048, 4096] (k = 1024, as RULER's 4k = 4096)."""
+    out = []
+    for x in (x.strip().lower() for x in s.split(",") if x.strip()):
+        try:
+            out.append(int(float(x[:-1]) * 1024) if x.endswith("k") else int(x))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"lengths are comma-separated token counts like 1k,2k,4096; got {x!r}") from e
+    if not out or min(out) < 256:
+        raise argparse.ArgumentTypeError(f"every length must be at least 256 tokens (the template and answer need room), got {s!r}")
+    return out
+
+
+def _ruler_args(p: argparse.ArgumentParser) -> None:
+    from .ruler_configs import DEFAULT_CONFIGS
+    from .ruler_tasks import TASKS
+
+    p.add_argument("--lengths", type=_lengths, default=_lengths("1k,2k,4k,8k"),
+                   help="prompt + generated tokens per sample, e.g. 1k,2k,4k,8k (k = 1024)")
+    p.add_argument("--n", type=int, default=25, help="samples per task and length (RULER-style tables use >= 25)")
+    p.add_argument("--tasks", type=_choices(TASKS), default=list(TASKS), help=f"comma-separated from {','.join(TASKS)}")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help="comma-separated: full, ratio50, peak25, peak50-p64, headmin50, random50, streaming (equal KV "
+                        "bytes to 50%% lazy), session-full, session-context, session-question")
+    p.add_argument("--sink", type=int, default=4)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=4, help="prompts prefilled, then decoded together as one batch")
+    p.add_argument("--workers", type=int, default=1, help="processes that generate the samples (tokenizing)")
+    p.add_argument("--model", default=None, help="local path, .gguf or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="out/ruler", help="output folder (default out/ruler)")
+    p.set_defaults(func=cmd_ruler)
+
+
+def _choices(allowed):
+    def parse(s: str) -> list[str]:
+        out = [x.strip() for x in s.split(",") if x.strip()]
+        bad = [x for x in out if x not in allowed]
+        if bad or not out:
+            raise argparse.ArgumentTypeError(f"unknown {bad or s!r}; choose from {', '.join(allowed)}")
+        return out
+    return parse
+
+
+def cmd_ruler(args, engine=None) -> int:
+    """Validate everything the arguments say, then load the model and run (``commands.ruler``)."""
+    from . import commands
+    from .ruler_configs import parse_config
+
+    try:
+        configs = [parse_config(k, args.sink, args.window) for k in args.configs.split(",") if k.strip()]
+    except ValueError as e:
+        raise SystemExit(f"ltengine eval ruler: error: --configs: {e}")
+    checks = [(args.n >= 1, f"--n must be >= 1, got {args.n}"), (args.chunk >= 1, f"--chunk must be >= 1, got {args.chunk}"),
+              (args.workers >= 1, f"--workers must be >= 1, got {args.workers}"),
+              (args.sink >= 0, f"--sink must be >= 0, got {args.sink}"), (args.window >= 1, f"--window must be >= 1, got {args.window}"),
+              (bool(configs), "--configs is empty"), (len({c.key for c in configs}) == len(configs), f"--configs repeats a name: {args.configs}")]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"ltengine eval ruler: error: {msg}")
+    engine = engine or _engine(args)
+    paths = commands.ruler(engine, args.out, args.tasks, args.lengths, args.n, configs, args.seed, args.chunk,
+                           _args_dict(args), workers=args.workers)
+    print(Path(paths["md"]).read_text())
+    _print_paths(paths)
+    return 0
 
 
 def _engine(args):

@@ -141,3 +141,32 @@ def grid_from_args(args, num_layers: int | None = None) -> list[EvalConfig]:
             if cfg not in configs:
                 configs.append(cfg)
     return configs
+
+
+def ruler(engine, out_dir, tasks: list[str], lengths: list[int], n: int, configs: list, seed: int = 0,
+          chunk: int = 4, args: dict | None = None, stem: str = "ruler", workers: int = 1) -> dict:
+    """RULER tasks x lengths x configs (``ruler_configs.RulerConfig``): harness configs from one shared
+    prefill per prompt, session configs through ``Engine.document`` (skipped with the reason if absent)."""
+    from . import ruler as rl
+    from .ruler_report import write as write_ruler
+
+    t0 = time.perf_counter()
+    samples = rl.make_samples(engine.tokenizer, tasks, lengths, n, seed, workers)
+    t_gen = time.perf_counter() - t0
+    too_long = [s for s in samples if len(s.ids) + s.max_new_tokens > engine.max_model_len]
+    if too_long:
+        raise ValueError(f"length {too_long[0].length} exceeds the model's context of {engine.max_model_len} tokens")
+    harness = [c for c in configs if c.kind != "session"]
+    sessions = [c for c in configs if c.kind == "session"]
+    records, skipped = [], {}
+    if harness:
+        records += rl.run_harness(engine, samples, harness, chunk)
+    why = rl.sessions_missing(engine) if sessions else None
+    if why:
+        skipped = {c.key: why for c in sessions}
+    elif sessions:
+        records += rl.run_sessions(engine, samples, sessions)
+    meta = _meta(engine, args or {}, t0)
+    meta.update(seed=seed, generate_s=round(t_gen, 2), samples=[dict(task=s.task, length=s.length, index=s.index, prompt_tokens=len(s.ids),
+                                         answers=s.answers) for s in samples])
+    return write_ruler(out_dir, records, [c.key for c in configs], tasks, lengths, n, skipped, meta, stem)

@@ -76,3 +76,21 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, format="png")
     _plt().close(fig)
     return path
+
+
+def grid_heatmap(path: str | Path, values: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str],
+                 title: str, xlabel: str = "config", ylabel: str = "task") -> Path:
+    """Scores in [0, 1] as a heatmap with labelled rows and columns (e.g. RULER task x config)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(2.2 + 0.75 * len(cols), 1.0 + 0.38 * len(rows)), dpi=90)
+    im = ax.imshow([list(r) for r in values], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(cols)), list(cols), rotation=35, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), list(rows), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, "-" if v != v else f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

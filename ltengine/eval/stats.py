@@ -32,3 +32,27 @@ def block_bootstrap_ppl(nll: list[torch.Tensor], block: int = 32, resamples: int
     means = blocks[idx].mean(dim=1).exp()
     lo, hi = torch.quantile(means.double(), torch.tensor([0.025, 0.975], dtype=torch.double)).tolist()
     return point, lo, hi
+
+
+def mean_interval(values: list[float], resamples: int = 2000, seed: int = 0, z: float = Z95) -> tuple[float, float]:
+    """95% interval of the mean of per-sample scores in [0, 1]: Wilson when every score is 0 or 1 (a
+    proportion), else a seeded percentile bootstrap (RULER's string_match_all gives fractions)."""
+    if not values:
+        return 0.0, 1.0
+    if all(v in (0.0, 1.0) for v in values):
+        return wilson(int(sum(values)), len(values), z)
+    return stratified_bootstrap([values], resamples, seed)
+
+
+def stratified_bootstrap(groups: list[list[float]], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of the groups' means, resampling within each group (so an
+    average over tasks keeps every task's weight)."""
+    g = torch.Generator().manual_seed(seed)
+    total = torch.zeros(resamples, dtype=torch.float64)
+    for vals in groups:
+        v = torch.tensor(vals, dtype=torch.float64)
+        idx = torch.randint(0, len(v), (resamples, len(v)), generator=g)
+        total += v[idx].mean(dim=1)
+    means = total / len(groups)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
