@@ -69,8 +69,10 @@ if triton is not None:
     def _tile(q, acc, m_i, l_i, K, V, k_off, v_off, s_kt, s_vt, start, rows, SINK, WINDOW, T, qk_scale, d, d_ok,
               IN_SINK: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
         j = start + tl.arange(0, BLOCK_N)
-        k = tl.load(K + k_off + j[:, None] * s_kt + d[None, :], mask=(j < T)[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + v_off + j[:, None] * s_vt + d[None, :], mask=(j < T)[:, None] & d_ok[None, :], other=0.0)
+        jj = j[:, None].to(tl.int64)
+        kv_ok = (j < T)[:, None] & d_ok[None, :]
+        k = tl.load(K + k_off + jj * s_kt + d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + v_off + jj * s_vt + d[None, :], mask=kv_ok, other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         else:
@@ -98,13 +100,13 @@ if triton is not None:
                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
         m0 = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1)
-        b = bh // H_Q
+        b = (bh // H_Q).to(tl.int64)  # int64 offsets: a 128k-token batch passes 2**31 elements
         h = bh % H_Q
         hk = h // G
         rows = m0 + tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qt + d[None, :],
+        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None].to(tl.int64) * s_qt + d[None, :],
                     mask=(rows < T)[:, None] & d_ok[None, :], other=0.0)
         kv_k = b * s_kb + hk * s_kh
         kv_v = b * s_vb + hk * s_vh
@@ -116,12 +118,12 @@ if triton is not None:
                                   SINK, WINDOW, T, qk_scale, d, d_ok, True, BLOCK_N, IEEE)
         # the band [m0 - WINDOW + 1, m0 + BLOCK_M) in N_BAND tiles (the same count for every program: a
         # loop bound that is not a tensor; tiles past the diagonal of the first programs are all masked)
-        lo = tl.maximum(SINK, m0 - WINDOW + 1)
+        lo = tl.maximum(m0 - WINDOW + 1, SINK)
         for it in range(0, N_BAND):
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, kv_k, kv_v, s_kt, s_vt, lo + it * BLOCK_N, rows,
                                   SINK, WINDOW, T, qk_scale, d, d_ok, False, BLOCK_N, IEEE)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_ot + d[None, :], out.to(O.dtype.element_ty),
+        tl.store(O + b * s_ob + h * s_oh + rows[:, None].to(tl.int64) * s_ot + d[None, :], out.to(O.dtype.element_ty),
                  mask=(rows < T)[:, None] & d_ok[None, :])
 
 
@@ -140,8 +142,9 @@ def prefill_sink_window_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     block_m = 64 if (ieee or block_d > 128) else 128
     block_n = 32 if ieee else 64
     grid = (triton.cdiv(t, block_m), b * h_q)
+    n_band = triton.cdiv(window - 1 + block_m, block_n)
     sink_window_kernel[grid](q, k, v, o, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                    t, h_q, sink, window, triton.cdiv(window - 1 + block_m, block_n), scale * 1.4426950408889634, G=h_q // k.shape[2], HEAD_DIM=d,
-                    BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
-                    num_warps=8 if block_m == 128 else 4, num_stages=2)
+                             t, h_q, sink, window, n_band, scale * 1.4426950408889634, G=h_q // k.shape[2],
+                             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee,
+                             num_warps=8 if block_m == 128 else 4, num_stages=2)
     return o
