@@ -86,7 +86,8 @@ def flex_fn(t: int, sink: int, window: int, dev):
     def mask(b, h, i, j):
         return (j <= i) & ((j < sink) | (j > i - window))
 
-    block = create_block_mask(mask, B=None, H=None, Q_LEN=t, KV_LEN=t, device=dev)
+    # _compile: build the block mask without materializing T x T booleans (17 GB at 128k)
+    block = create_block_mask(mask, B=None, H=None, Q_LEN=t, KV_LEN=t, device=dev, _compile=True)
     compiled = torch.compile(flex_attention)
     return lambda q, k, v, scale: compiled(q, k, v, block_mask=block, scale=scale, enable_gqa=True)
 

@@ -160,3 +160,10 @@ def test_batched_prefill_mixes_streaming_and_standard_prompts():
                 batches.add(o.output.stats.prefill_batch)
     assert batches == {3}, f"the prompts were not prefilled as one batch: {batches}"
     assert [got[r] for r in rids] == alone
+
+
+def test_hf_drop_in_refuses_streaming_prefill():
+    from ltengine.hf import LightTransferCache
+
+    with pytest.raises(ValueError, match="does not support LazyConfig.streaming_prefill"):
+        LightTransferCache(tiny_model("llama", layers=2), lazy=LazyConfig(policy=(1,), streaming_prefill=True))
