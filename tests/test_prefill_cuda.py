@@ -3,9 +3,11 @@
 Tolerance (flash-attention style): ref64 = ``prefill_sink_window_ref`` on float64 copies of the inputs,
 ref_lp = the same twin in the input dtype; the kernel passes when
 
-    max|out - ref64| <= 2 * max|ref_lp - ref64| + finfo(dtype).eps * max|ref64|
+    max|out - ref64| <= 2 * max|ref_lp - ref64| + eps * max|ref64|,   eps = finfo(dtype).eps (1e-5 for fp32)
 
-(fp32: the kernel's dots are IEEE, so its error is of the order of fp32 roundoff, as the twin's). Inputs
+(fp32: the kernel's dots are IEEE, so its error is fp32 summation roundoff over up to sink + window
+keys, as the twin's, whose own error can be smaller by luck: hence the 1e-5 floor, as
+tests/test_paged_cuda.py). Inputs
 are fresh random normals per case, odd lengths and head dims, GQA 1:1 to 8:1, windows of 1 and past the
 prompt, sinks past the prompt. Runs on a CUDA GPU; on CPU only under ``TRITON_INTERPRET=1`` with Triton
 installed (fp32 / fp16: the interpreter's ``tl.dot`` is wrong for bf16), else skipped with the reason.
@@ -54,7 +56,8 @@ def test_triton_matches_twin(shape, dtype):
     assert torch.isfinite(out).all()
     err = float((out.double() - ref64).abs().max())
     ref_err = float((ref_lp.double() - ref64).abs().max())
-    tol = 2 * ref_err + torch.finfo(dtype).eps * float(ref64.abs().max())
+    eps = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    tol = 2 * ref_err + eps * float(ref64.abs().max())
     assert err <= tol, f"{shape} {dtype}: kernel error {err:.3g} > {tol:.3g} (twin's own error {ref_err:.3g})"
 
 
