@@ -104,7 +104,7 @@ def main(argv=None) -> None:
         print(f"passkey {i + 1}/{len(samples)} {time.perf_counter() - t0:.0f}s "
               + " ".join(f"{c}" for c in correct.values()), flush=True)
 
-    segs = ppl_segments(tok, args.context, args.scored, args.ppl_n, seed=args.seed)
+    segs = ppl_segments(tok, args.context, args.scored, args.ppl_n, seed=args.seed) if args.ppl_n else []
     nll = {name: [] for name, _, _ in configs}
     for i, seg in enumerate(segs):
         sp = shared_prefill(a, seg[:args.context], base.probe)
@@ -124,10 +124,10 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|")
     for name, lazy, pair in configs:
         lo, hi = wilson(correct[name], args.n)
-        ppl, plo, phi = block_bootstrap_ppl(nll[name])
-        ratio = "1" if name == "full" else "%.4f [%.4f, %.4f]" % block_bootstrap_ppl(
+        ppl, plo, phi = block_bootstrap_ppl(nll[name]) if segs else (float("nan"),) * 3
+        ratio = "1" if name == "full" or not segs else "%.4f [%.4f, %.4f]" % block_bootstrap_ppl(
             [a - b for a, b in zip(nll[name], nll["full"])])
-        vs = "" if pair is None else "%.4f [%.4f, %.4f]" % block_bootstrap_ppl(
+        vs = "" if pair is None or not segs else "%.4f [%.4f, %.4f]" % block_bootstrap_ppl(
             [a - b for a, b in zip(nll[name], nll[pair])])
         mean_lazy = len(lazy.policy) if lazy else 0
         print(f"| {name} | {mean_lazy} | {correct[name]}/{args.n} = {correct[name] / args.n:.2f} "
