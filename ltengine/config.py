@@ -29,6 +29,12 @@ class LazyConfig:
     score:    how "lighttransfer" / "topk" score a layer (higher = lazier): "ratio" (the paper's lazy
               ratio, ``lazy.lazy_ratio``) or "peak" (1 - the largest mass any head puts on its 8
               most-attended distant keys, ``lazy.peak_score``: keeps layers with retrieval heads).
+    streaming_prefill: a layer already known to be lazy before its own attention runs (every layer of
+              a layer list, "random" or "streaming"; with "lighttransfer", the layer whose probe score
+              makes the full queue pop it at once) computes its prefill attention over sink + window
+              only (O(T * window)) and stores only sink + window KV; its probe scores still see every
+              key. Changes prefill hidden states (DuoAttention's trick), so off by default; "topk"
+              decides only after every layer ran and is refused.
     """
 
     fraction: float | None = None
@@ -38,6 +44,7 @@ class LazyConfig:
     policy: str | tuple[int, ...] = "lighttransfer"
     seed: int = 0
     score: str = "ratio"
+    streaming_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.fraction is not None and (isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float))
@@ -64,6 +71,12 @@ class LazyConfig:
             if len(set(layers)) != len(layers):
                 raise ValueError(f"LazyConfig.policy lists a layer twice: {self.policy!r}")
             object.__setattr__(self, "policy", tuple(sorted(layers)))
+        if not isinstance(self.streaming_prefill, bool):
+            raise ValueError(f"LazyConfig.streaming_prefill must be True or False, got {self.streaming_prefill!r}")
+        if self.streaming_prefill and self.policy == "topk":
+            raise ValueError("LazyConfig.streaming_prefill needs a policy that knows a layer is lazy before its "
+                             "attention runs (a layer list, 'random', 'streaming' or 'lighttransfer'); "
+                             "'topk' decides only after every layer is scored")
 
     @property
     def enabled(self) -> bool:

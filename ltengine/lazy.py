@@ -81,10 +81,19 @@ class LayerPolicy:
     """Decides, layer by layer during prefill, which layers' KV caches to demote."""
 
     name = "base"
+    streaming_prefill = False  # LazyConfig.streaming_prefill (set by make_policy)
 
     def __init__(self, num_layers: int, full_capacity: int):
         self.num_layers = num_layers
         self.full_capacity = full_capacity
+
+    def attends_streaming(self, layer: int, ratio: float) -> bool:
+        """Streaming prefill: whether ``layer``, scored ``ratio`` but not yet attended, may compute its
+        prefill attention over sink + window only, because ``observe(layer, ratio)`` will demote it."""
+        return self.streaming_prefill and self._lazy_before_attention(layer, ratio)
+
+    def _lazy_before_attention(self, layer: int, ratio: float) -> bool:
+        return False
 
     def observe(self, layer: int, ratio: float) -> list[int]:
         """Called after ``layer`` is scored and its full KV stored; returns layers to demote now."""
@@ -112,6 +121,10 @@ class LightTransferPolicy(LayerPolicy):
             _, j = self.queue.pop(-1)
             demoted.append(j)
         return demoted
+
+    def _lazy_before_attention(self, layer: int, ratio: float) -> bool:
+        # the queue is at capacity and this layer would be its maximum: ``observe`` pops it at once
+        return len(self.queue) >= self.full_capacity and (not self.queue or (ratio, layer) > self.queue[-1])
 
 
 class TopKPolicy(LayerPolicy):
@@ -144,6 +157,9 @@ class FixedPolicy(LayerPolicy):
 
     def observe(self, layer: int, ratio: float) -> list[int]:
         return [layer] if layer in self.layers else []
+
+    def _lazy_before_attention(self, layer: int, ratio: float) -> bool:
+        return layer in self.layers
 
 
 class FullPolicy(LayerPolicy):
@@ -182,6 +198,12 @@ def needs_scores(lazy: LazyConfig) -> bool:
 def make_policy(lazy: LazyConfig, num_layers: int, full_capacity: int) -> LayerPolicy:
     """The policy object for one prompt's prefill; how layers are scored is ``lazy.score``, which the
     runner resolves through the kernel backend (``Backend.scorer``)."""
+    policy = _make_policy(lazy, num_layers, full_capacity)
+    policy.streaming_prefill = lazy.streaming_prefill
+    return policy
+
+
+def _make_policy(lazy: LazyConfig, num_layers: int, full_capacity: int) -> LayerPolicy:
     if not lazy.enabled:
         return FullPolicy(num_layers, num_layers)
     n_lazy = num_layers - full_capacity

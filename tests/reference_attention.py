@@ -2,7 +2,8 @@
 
 ``masked_generate`` runs the model's forward (full DynamicCache, greedy) with an attention function that, on
 the given lazy layers only, restricts every query after the prompt to sink + window keys — what the
-engine's truncated caches must reproduce. ``eager_lazy_ratios`` scores layers from the attention
+engine's truncated caches must reproduce — and, on ``prefill_layers`` (streaming prefill), the prompt's
+queries too. ``eager_lazy_ratios`` scores layers from the attention
 probabilities the model's eager attention returns.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 _names = itertools.count()
 
 
-def _sink_window_attention(lazy_layers, prompt_len, sink, window):
+def _sink_window_attention(lazy_layers, prompt_len, sink, window, prefill_layers=frozenset()):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if module.layer_idx not in lazy_layers:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
@@ -26,7 +27,8 @@ def _sink_window_attention(lazy_layers, prompt_len, sink, window):
         qpos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
         kpos = torch.arange(kv_len, device=query.device)[None, :]
         streaming = (kpos < sink) | (kpos > qpos - window)
-        allowed = (kpos <= qpos) & (streaming | (qpos < prompt_len))  # prompt queries attend fully
+        prompt_full = (qpos < prompt_len) & (module.layer_idx not in prefill_layers)
+        allowed = (kpos <= qpos) & (streaming | prompt_full)  # prompt queries attend fully, unless streamed
         group = query.shape[1] // key.shape[1]
         k = key.repeat_interleave(group, dim=1)
         v = value.repeat_interleave(group, dim=1)
@@ -38,16 +40,17 @@ def _sink_window_attention(lazy_layers, prompt_len, sink, window):
 
 @torch.inference_mode()
 def masked_generate(model, ids: list[int], lazy_layers, sink: int, window: int, max_new_tokens: int,
-                    full_until: int | None = None) -> list[int]:
+                    full_until: int | None = None, prefill_layers=()) -> list[int]:
     """Greedy tokens of the model's own forward with a full DynamicCache and sink+window masks on
     ``lazy_layers`` for every query after the prompt, or after its first ``full_until`` tokens (a
-    document session's document; an explicit loop: the reference stays readable)."""
+    document session's document), and on ``prefill_layers`` for the prompt's queries too (an explicit
+    loop: the reference stays readable)."""
     from transformers import DynamicCache
 
     # a fresh name each call: the registry keeps the first function registered under a name
     name = f"ltengine_sink_window_reference_{next(_names)}"
     AttentionInterface.register(name, _sink_window_attention(set(lazy_layers), len(ids) if full_until is None else full_until,
-                                                              sink, window))
+                                                             sink, window, frozenset(prefill_layers)))
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:

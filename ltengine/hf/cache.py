@@ -64,6 +64,9 @@ class LightTransferCache(Cache):
             raise ValueError(f"model must be a loaded transformers causal LM, got {type(model).__name__}")
         if lazy is not None and not isinstance(lazy, LazyConfig):
             raise ValueError(f"lazy must be a LazyConfig or None, got {type(lazy).__name__}")
+        if lazy is not None and lazy.streaming_prefill:  # HF's forward attends every layer fully in prefill
+            raise ValueError("LightTransferCache does not support LazyConfig.streaming_prefill=True (the model's own "
+                             "forward runs the prefill); use Engine for streaming prefill")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         adapter = DecoderAdapter(model)  # raises for unsupported model types

@@ -10,9 +10,12 @@ Ops (shapes token-major, ``[B, T, H_kv, D]`` caches, ``[B, H_q, D]`` queries):
   paged_decode(q, k_pool, v_pool, tables, n_valid, scale)    -> [B, H_q, D] (pool [NB, BS, H_kv, D], tables [B, MB])
   paged_truncate_(k_pool, v_pool, tables, lengths, sink, window) -> None (in place: each row's kept tokens into
                                                                 their ring slots of its own blocks; tables [N, MB])
+  prefill_sink_window(q, k, v, sink, window, scale)          -> [B, T, H_q, D] (streaming prefill: causal attention
+                                                                over sink + window keys; q [B, T, H_q, D], k/v [B, T, H_kv, D])
 
 Implementations, fastest first: ``cuda`` (csrc/, via cuda.py: paged_decode, paged_truncate_, truncate_kv_),
-``cpp`` (the CPU truncations of the same extension), ``triton`` (paged.py's paged decode, lazy_score.py),
+``cpp`` (the CPU truncations of the same extension), ``triton`` (paged.py's paged decode, lazy_score.py,
+prefill.py's sink + window prefill),
 ``reference`` (reference.py, paged.py, lazy.py: the ground truth; decode_full / decode_sink_window have only
 it, for the CPU reference runner). ``get_backend(device)`` resolves each op to an ordered list of usable
 implementations once; at call time the first that supports the input's (dtype, head dim) runs, a
@@ -40,7 +43,7 @@ __all__ = [
 ]
 
 OPS = ("decode_full", "decode_sink_window", "truncate_kv_", "score_ratio", "score_peak", "paged_decode",
-       "paged_truncate_")
+       "paged_truncate_", "prefill_sink_window")
 SCORE_OPS = {"ratio": "score_ratio", "peak": "score_peak"}  # LazyConfig.score -> op
 IMPLS = ("cuda", "cpp", "triton", "sdpa", "reference")  # cpp: the CPU truncate_kv_ of ltengine._C
 
@@ -66,7 +69,7 @@ def _lazy_score():
 
 def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
     """Every usable implementation per op on this device, fastest first."""
-    from ltengine.kernels import paged
+    from ltengine.kernels import paged, prefill
     from ltengine.lazy import lazy_ratio, peak_score  # the reference scorers live with the policies
 
     ref = {
@@ -77,6 +80,7 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
         "score_peak": _Impl("reference", peak_score),
         "paged_decode": _Impl("reference", paged.paged_decode_ref),
         "paged_truncate_": _Impl("reference", paged.paged_truncate_ref_),
+        "prefill_sink_window": _Impl("reference", prefill.prefill_sink_window_ref),
     }
     out: dict[str, list[_Impl]] = {op: [] for op in OPS}
     from ltengine.kernels import sdpa  # contiguous-cache decode (the reference runner's fast path), any device
@@ -93,6 +97,8 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
             out["score_ratio"].append(_Impl("triton", score.lazy_ratio_triton, score.supports))
         if paged.triton is not None:
             out["paged_decode"].append(_Impl("triton", paged.paged_decode_triton, paged.triton_supports))
+        if prefill.available():
+            out["prefill_sink_window"].append(_Impl("triton", prefill.prefill_sink_window_triton, prefill.supports))
     elif device.type == "cpu" and _cuda.has_cpu_ext():  # the CPU ops of the compiled extension
         out["truncate_kv_"].append(_Impl("cpp", _cuda.truncate_kv_))
         out["paged_truncate_"].append(_Impl("cpp", _cuda.paged_truncate_))
@@ -161,6 +167,11 @@ class Backend:
         blocks ``tables[n]`` (slot order), the sink stays; rows with length <= sink + window are untouched."""
         self._ops["paged_truncate_"].pick(k_pool.dtype, k_pool.shape[-1]).fn(k_pool, v_pool, tables, lengths,
                                                                             sink, window)
+
+    def prefill_sink_window(self, q, k, v, sink, window, scale):
+        """Streaming prefill: q [B, T, H_q, D], k/v [B, T, H_kv, D] -> [B, T, H_q, D], query i over keys
+        j <= i with j < sink or j > i - window."""
+        return self._ops["prefill_sink_window"].pick(q.dtype, q.shape[-1]).fn(q, k, v, sink, window, scale)
 
     def impl_for(self, op: str, dtype: torch.dtype, head_dim: int) -> str:
         """Name of the implementation that runs ``op`` for this dtype and head dim."""

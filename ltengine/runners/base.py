@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..lazy import LayerPolicy
 from ..models import DecoderAdapter
+from .streaming import last_row_keys, mixed_attention
 
 try:  # optional: flash-attn's prefill kernel when it is installed
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -46,14 +47,17 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def _last_row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
-                        scale: float) -> torch.Tensor:
+                        scale: float, streaming: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
     """Each prompt's last query over its own keys (the causal row of ``prefill_attention`` for that
-    token; right padding excluded). q ``[B, T, H_q, D]``, k/v ``[B, T, H_kv, D]`` -> ``[B, 1, H_q, D]``."""
+    token; right padding excluded), or, where ``streaming[n]`` is ``(sink, window)``, over its sink and
+    last ``window`` keys. q ``[B, T, H_q, D]``, k/v ``[B, T, H_kv, D]`` -> ``[B, 1, H_q, D]``."""
     outs = []
     for n, length in enumerate(lengths):
+        keys = slice(0, length) if streaming is None or streaming[n] is None else \
+            last_row_keys(length, *streaming[n], k.device)
         qn = q[n, length - 1:length].transpose(0, 1).unsqueeze(0)  # [1, H_q, 1, D]
-        kn = k[n, :length].transpose(0, 1).unsqueeze(0)
-        vn = v[n, :length].transpose(0, 1).unsqueeze(0)
+        kn = k[n, keys].transpose(0, 1).unsqueeze(0)
+        vn = v[n, keys].transpose(0, 1).unsqueeze(0)
         outs.append(F.scaled_dot_product_attention(qn, kn, vn, scale=scale, enable_gqa=q.shape[2] != k.shape[2]))
     return torch.cat(outs).transpose(1, 2)  # [B, 1, H_q, D]
 
@@ -90,10 +94,16 @@ class LayerMajorPrefill:
     scored, stored and read out. Per prompt, after layer l is computed and scored, its policy names
     layers to demote; those already stored are truncated *before* layer l is stored, so no queue ever
     holds more than its capacity: the one layer in flight is the activations.
+
+    Streaming prefill (``LazyConfig.streaming_prefill``): after layer l is scored and before it attends,
+    a prompt whose policy already knows l is lazy (``LayerPolicy.attends_streaming``) computes l's
+    attention over sink + window keys only (the backend's ``prefill_sink_window``; the scores saw every
+    key), and l is stored straight as sink + window. ``streamed[n]`` lists those layers per prompt.
     """
 
-    def __init__(self, adapter: DecoderAdapter, jobs: Sequence[PrefillJob], hook: LayerHook | None = None):
-        self.adapter, self.jobs, self.hook = adapter, list(jobs), hook
+    def __init__(self, adapter: DecoderAdapter, jobs: Sequence[PrefillJob], hook: LayerHook | None = None,
+                 backend=None):
+        self.adapter, self.jobs, self.hook, self._backend = adapter, list(jobs), hook, backend
         self.lengths = [job.ids.shape[0] for job in jobs]
         b, t = len(jobs), max(self.lengths)
         dev = jobs[0].ids.device
@@ -104,6 +114,7 @@ class LayerMajorPrefill:
             self.h = adapter.embed(ids)
             self.cos, self.sin = adapter.rope(self.h, torch.arange(t, device=dev).expand(b, t))
         self.scores: list[list[float]] = [[] for _ in jobs]
+        self.streamed: list[list[int]] = [[] for _ in jobs]
         self.layer = 0
         self._finished = False  # the policies' end-of-prefill demotions ran
         self._last_only = False  # the last layer kept one row per prompt (``h`` is [B, 1, hidden])
@@ -132,21 +143,28 @@ class LayerMajorPrefill:
                     p = min(job.probe, length)
                     self.scores[n].append(job.scorer(q[n, length - p:length].transpose(0, 1),
                                                      k[n, :length].transpose(0, 1), job.sink, job.window, a.scale))
+            stream = [(job.sink, job.window) if job.policy.attends_streaming(i, self._score(n)) else None
+                      for n, job in enumerate(self.jobs)]
             if i == self.num_layers - 1:
                 # after the last layer only each prompt's last hidden state is read (its logits): its
                 # K/V above are all that later decode needs, so attention, o_proj and the MLP run for
                 # one row per prompt instead of all T
                 last = torch.tensor([n - 1 for n in self.lengths], device=q.device)
                 rows = torch.arange(b, device=q.device)
-                o = _last_row_attention(q, k, v, self.lengths, a.scale)
+                o = _last_row_attention(q, k, v, self.lengths, a.scale, stream)
                 self.h = a.finish_layer(i, self.h[rows, last].unsqueeze(1), o.reshape(b, 1, -1))
                 self._last_only = True
             else:
-                o = prefill_attention(q, k, v, a.scale)
+                o = mixed_attention(q, k, v, stream, a.scale, prefill_attention, self._sink_window)
                 self.h = a.finish_layer(i, self.h, o.reshape(b, t, -1))
             del q, o
             for n, (job, length) in enumerate(zip(self.jobs, self.lengths)):
-                now = job.policy.observe(i, self.scores[n][-1] if job.scorer is not None else 0.0)
+                now = job.policy.observe(i, self._score(n))
+                if stream[n] is not None:
+                    if i not in now:
+                        raise RuntimeError(f"{job.policy.name} policy: layer {i} attended as lazy in prefill but "
+                                           f"was not demoted (attends_streaming and observe disagree)")
+                    self.streamed[n].append(i)
                 for j in now:
                     if j != i:
                         job.kv.demote(j)
@@ -159,6 +177,17 @@ class LayerMajorPrefill:
                     job.kv.demote(j)
             self._finished = True
         return self.done
+
+    def _sink_window(self, q, k, v, sink: int, window: int, scale: float) -> torch.Tensor:
+        if self._backend is None:  # the runners pass theirs; the backend for the device otherwise
+            from ..kernels import get_backend
+
+            self._backend = get_backend(q.device)
+        return self._backend.prefill_sink_window(q, k, v, sink, window, scale)
+
+    def _score(self, n: int) -> float:
+        """Prompt n's score of the layer in flight (0.0 when unscored)."""
+        return self.scores[n][-1] if self.jobs[n].scorer is not None else 0.0
 
     def last_hidden(self) -> torch.Tensor:
         """Each prompt's hidden state after its last token, ``[B, hidden]`` (after every layer ran)."""

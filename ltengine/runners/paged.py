@@ -149,7 +149,7 @@ class PagedRunner(Runner):
             return [PrefillResult(logits[n], list(loop.scores[n]), [i for i, z in enumerate(seq.lazy) if z],
                                   sum(len(b) for b in seq.blocks) * bpb, seq) for n, seq in enumerate(seqs)]
 
-        loop = LayerMajorPrefill(self.adapter, jobs)
+        loop = LayerMajorPrefill(self.adapter, jobs, backend=self.backend)
         return PrefillTask(self, loop, seqs, finish)
 
     def release(self, seq: PagedSeq) -> None:

@@ -85,7 +85,7 @@ class ReferenceRunner(Runner):
             return [PrefillResult(logits[n], list(loop.scores[n]), cache.lazy_layers, held[n], cache)
                     for n, cache in enumerate(caches)]
 
-        loop = LayerMajorPrefill(self.adapter, jobs)
+        loop = LayerMajorPrefill(self.adapter, jobs, backend=self.backend)
         return PrefillTask(self, loop, caches, finish)
 
     # ------------------------------------------------------------------ decode
