@@ -165,3 +165,20 @@ def test_csrc_paged_decode_refuses_fp8_clearly():
     with pytest.raises(NotImplementedError, match="fp8 pools decode through the Triton kernel"):
         kcuda.paged_decode(q, k8, k8, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0,
                            torch.ones(2, 4, 1), torch.ones(2, 4, 1))
+
+
+def test_eval_harness_builds_fp8_caches_like_the_engine():
+    """The shared-prefill harness stores its decode caches in the adapter's KV dtype: greedy tokens
+    equal ``Engine.generate``'s with ``kv_dtype="fp8"`` (reference runner), lazy layers too."""
+    from ltengine.eval.harness import greedy, shared_prefill
+
+    model = tiny_model("qwen2", layers=6)
+    engine = Engine(model, _Ids(), lazy=LAZY, runner="reference", kv_dtype="fp8")
+    ids = _prompts(4, (90,))[0]
+    out = engine.generate(ids, max_new_tokens=12, ignore_eos=True)
+    sp = shared_prefill(engine.adapter, ids, LAZY.probe)
+    layers = sp.lazy_layers(LAZY)
+    cache = sp.build_cache(layers, LAZY.sink, LAZY.window, len(ids) + 12, engine.backend)
+    assert all(c.ks is not None and c.k.dtype == FP8 for c in cache.layers)
+    tokens = greedy(engine.adapter, engine.backend, [cache], sp.logits, len(ids), 12, set())[0]
+    assert (tokens, layers) == (out.token_ids, out.lazy_layers)
