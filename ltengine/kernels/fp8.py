@@ -74,6 +74,11 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if is_fp8(t.dtype) else t
 
 
+def take_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``src[idx]`` for any storage dtype (fp8 gathered as bytes: no fp8 indexing kernel needed)."""
+    return as_bytes(src)[idx].view(src.dtype) if is_fp8(src.dtype) else src[idx]
+
+
 def put_rows_(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.index_copy_(0, rows, src)`` for any storage dtype (``src`` cast to it unless fp8, which
     must come from ``quantize``)."""

@@ -19,7 +19,7 @@ import functools
 import torch
 
 from ._triton import tl, triton
-from .fp8 import as_bytes
+from .fp8 import as_bytes, take_rows
 from .reference import decode_full_ref
 
 
@@ -29,8 +29,8 @@ def paged_decode_ref(q, k_pool, v_pool, block_tables, n_valid, scale, k_scale=No
     b, mb = block_tables.shape
     bs = k_pool.shape[1]
     idx = block_tables.long()
-    k = k_pool[idx].reshape(b, mb * bs, *k_pool.shape[2:])
-    v = v_pool[idx].reshape(b, mb * bs, *v_pool.shape[2:])
+    k = take_rows(k_pool, idx).reshape(b, mb * bs, *k_pool.shape[2:])
+    v = take_rows(v_pool, idx).reshape(b, mb * bs, *v_pool.shape[2:])
     if k_scale is None:
         return decode_full_ref(q, k.to(q.dtype), v.to(q.dtype), n_valid, scale)
     ks = k_scale[idx].reshape(b, mb * bs, -1).float()  # [B, T, H_kv]

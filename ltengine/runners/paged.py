@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from ..kernels import fused
-from ..kernels.fp8 import put_rows_, quantize
+from ..kernels.fp8 import put_rows_, quantize, take_rows
 from ..memory.pool import KVPool
 from ..models import DecoderAdapter
 from .base import LayerMajorPrefill, PrefillJob, PrefillRequest, PrefillResult, PrefillTask, Runner
@@ -207,8 +207,8 @@ class PagedRunner(Runner):
         ks, vs, scales = [], [], [] if self.pool.scaled else None
         for blocks in seq.blocks:
             idx = torch.tensor(blocks, dtype=torch.long, device=self.pool.k.device)
-            ks.append(self.pool.k.index_select(0, idx).to("cpu"))
-            vs.append(self.pool.v.index_select(0, idx).to("cpu"))
+            ks.append(take_rows(self.pool.k, idx).to("cpu"))
+            vs.append(take_rows(self.pool.v, idx).to("cpu"))
             if scales is not None:
                 scales.append((self.pool.k_scale.index_select(0, idx).to("cpu"),
                                self.pool.v_scale.index_select(0, idx).to("cpu")))
