@@ -3,8 +3,8 @@
 A stored row ``x [..., D]`` (one token, one KV head) becomes ``x8 = round(x / s)`` in e4m3 and
 ``s = amax(|x|) / 448`` (448: e4m3's largest finite value; an all-zero row gets ``s = 1``), so the row's
 largest element lands on the format's top and ``x ~= x8 * s``: a relative error of at most 2^-4 per
-element (3 mantissa bits, round to nearest) down to 2^-6 of the row's max, an absolute one of at most
-2^-10 * s below it (e4m3's subnormals).
+element (3 mantissa bits, round to nearest) where ``|x| >= 2^-6 * s`` (e4m3's normal range), an
+absolute one of at most 2^-10 * s below it (its subnormals).
 
 Why per token and head: a row is quantized once, when it is stored, and never again: decode writes a
 new token's rows without touching any other, demotion (``paged_truncate_`` / ``truncate_kv_``) moves
@@ -12,9 +12,9 @@ a row's scale with it by the same op (scales are a ``[..., H_kv, 1]`` twin of th
 row's scale factors out of its dot product (``q . (k8 s) = (q . k8) s``), so the decode kernels
 dequantize in registers with one multiply per score and per probability. Coarser scales (per block,
 per layer and head) save the 4 bytes per row (3% of a D = 128 fp8 row) but need a running maximum:
-a decode token above it forces the block to be requantized or clipped. Measured accuracy and bytes:
-``bench/RESULTS.md`` ("fp8 KV").
-"""
+a decode token above it forces the block to be requantized or clipped, and even their best case
+(amax over tokens not yet seen) measured 24-29% more attention-output error on the default model's K/V
+(``bench/fp8_granularity.py``; ``bench/RESULTS.md``, "fp8 KV")."""
 from __future__ import annotations
 
 import torch
