@@ -15,6 +15,8 @@ One command measures the baseline and both engine modes in the same process, on 
   from the pool, then verified by prefilling it; the lazy mode must keep exactly its 50% lazy layers);
 - ``prefill``: ``--prefill-shapes`` (128 x 256 and 32 x 2048 tokens) prompts, 50% lazy, 1 new token each:
   prefill time one prompt at a time (``max_prefill_tokens=1``) vs batched (the engine's default);
+- modes ``full-fp8`` / ``lazy-fp8``: the same engine modes with ``kv_dtype="fp8"`` (``--kv-dtype fp8`` makes
+  ``full`` / ``lazy`` fp8 too); their floors, pool capacity and admission count fp8 bytes (scales included);
 - ``scoring``: prefill of one 32k prompt with ``LazyConfig(fraction=0.5)``, ``lazy=None`` and
   ``lazy=None, score_layers=False``: the share of prefill the lazy-ratio scoring adds.
 
@@ -58,7 +60,7 @@ QUICK_OVERRIDES = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=5
 # run order: the targets' points first; 1x32k before budget, whose HF fallback count uses its peak
 POINTS = ("1x8k", "1x32k", "budget", "longest", "scoring", "8x8k", "prefill")
 TABLE_ORDER = ("1x8k", "8x8k", "1x32k", "budget", "longest", "scoring", "prefill")
-MODES = ("hf", "full", "lazy")
+MODES = ("hf", "full", "lazy", "full-fp8", "lazy-fp8")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -228,17 +230,23 @@ class Bench:
         self.bw = copy_bandwidth(self.device, nbytes)
         info["copy_bw_GBps"] = self.bw / 1e9
         print(f"copy bandwidth: {self.bw / 1e9:.0f} GB/s (read + write, {nbytes / 2**20:.0f} MiB copy)", flush=True)
-        config = load_config(a.config, **(QUICK_OVERRIDES if self.quick else {}))
+        overrides = dict(QUICK_OVERRIDES if self.quick else {})
+        if a.max_context:
+            overrides["max_position_embeddings"] = a.max_context
+        config = load_config(a.config, **overrides)
         self.model, init_s = build_model(config, self.device, self.dtype, seed=a.seed)
         self.config = config
         self.L = config.num_hidden_layers
         self.n_lazy = self.lazy.num_lazy(self.L)
         self.per_tl = 2 * config.num_key_value_heads * config.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        # fp8: one byte per element + a float32 scale per token and KV head (ltengine/kernels/fp8.py)
+        self.per_tl_fp8 = 2 * config.num_key_value_heads * (config.head_dim + 4)
         self.weight_bytes = decode_weight_bytes(self.model)
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.context = config.max_position_embeddings
         info.update(model_init_s=init_s, layers=self.L, weight_bytes=self.param_bytes,
                     decode_weight_bytes=self.weight_bytes, kv_bytes_per_token_layer=self.per_tl,
+                    kv_bytes_per_token_layer_fp8=self.per_tl_fp8, kv_dtype=a.kv_dtype,
                     kv_budget=self.kv_budget, long_budget=self.long_budget, new_tokens=self.new,
                     hf_budget_new_tokens=self.hf_budget_new, sink=self.lazy.sink, window=self.lazy.window,
                     fraction=self.lazy.fraction, lazy_layers_expected=self.n_lazy, block_size=self.block,
@@ -289,24 +297,40 @@ class Bench:
         return self.record(dict(point=point, mode=mode, status="skipped", error=why, **extra))
 
     # -------------------------------------------------------------------------------- floors
-    def kv_read_bytes(self, prompt: int, new: int, n_lazy: int) -> float:
+    @staticmethod
+    def base_mode(mode: str) -> str:
+        """``full`` / ``lazy`` (/ ``hf``) of a mode name, without its ``-fp8``."""
+        return mode.split("-")[0]
+
+    def kv_dtype(self, mode: str) -> str | None:
+        """The engine's ``kv_dtype`` for a mode (None: the model's)."""
+        if mode.endswith("-fp8"):
+            return "fp8"
+        return None if mode == "hf" or self.args.kv_dtype == "auto" else self.args.kv_dtype
+
+    def per_token_layer(self, mode: str) -> int:
+        return self.per_tl_fp8 if self.kv_dtype(mode) == "fp8" else self.per_tl
+
+    def kv_read_bytes(self, prompt: int, new: int, n_lazy: int, mode: str = "full") -> float:
         """KV bytes one decode step reads for one sequence at its mean decode context."""
         ctx = prompt + new / 2
         lazy_ctx = min(ctx, self.lazy.sink + self.lazy.window)
-        return self.per_tl * ((self.L - n_lazy) * ctx + n_lazy * lazy_ctx)
+        return self.per_token_layer(mode) * ((self.L - n_lazy) * ctx + n_lazy * lazy_ctx)
 
-    def floor(self, batch: int, prompt: int, new: int, lazy_counts: list[int], weights: int | None = None):
+    def floor(self, batch: int, prompt: int, new: int, lazy_counts: list[int], weights: int | None = None,
+              mode: str = "full"):
         """(bytes per decode step, floor tok/s) for ``batch`` sequences."""
         counts = lazy_counts if len(lazy_counts) == batch else [0] * batch
-        step = (weights or self.weight_bytes) + sum(self.kv_read_bytes(prompt, new, c) for c in counts)
+        step = (weights or self.weight_bytes) + sum(self.kv_read_bytes(prompt, new, c, mode) for c in counts)
         return step, batch / (step / self.bw)
 
     def add_floor(self, rec: dict, batch: int, prompt: int, new: int, lazy_counts: list[int]) -> None:
         """The floor (weights without the input embedding) and, for comparison with bench/paged_probe.py,
         the floor counting every parameter."""
-        rec["floor_bytes_per_step"], rec["floor_tok_s"] = self.floor(batch, prompt, new, lazy_counts)
+        mode = rec.get("mode", "full")
+        rec["floor_bytes_per_step"], rec["floor_tok_s"] = self.floor(batch, prompt, new, lazy_counts, mode=mode)
         rec["floor_pct"] = _pct(rec["decode_tok_s"], rec["floor_tok_s"])
-        _, all_w = self.floor(batch, prompt, new, lazy_counts, weights=self.param_bytes)
+        _, all_w = self.floor(batch, prompt, new, lazy_counts, weights=self.param_bytes, mode=mode)
         rec["floor_pct_all_weights"] = _pct(rec["decode_tok_s"], all_w)
 
     def full_need(self, prompt: int, new: int) -> int:
@@ -319,9 +343,9 @@ class Bench:
         total, bs = prompt + new, self.block
         return (self.L - n_lazy) * -(-total // bs) + n_lazy * -(-min(total, self.lazy.sink + self.lazy.window) // bs)
 
-    def capacity(self, budget: int) -> int:
+    def capacity(self, budget: int, mode: str = "full") -> int:
         """Pool blocks a budget buys (the paged engine adds its scratch block on top)."""
-        return budget // (self.block * self.per_tl)
+        return budget // (self.block * self.per_token_layer(mode))
 
     # -------------------------------------------------------------------------------- HF
     def _hf_generate(self, prompts: list[list[int]], new: int) -> dict:
@@ -377,8 +401,10 @@ class Bench:
 
     # -------------------------------------------------------------------------------- ltengine
     def engine(self, mode: str, budget: int | None, **extra) -> Engine:
-        lazy = self.lazy if mode == "lazy" else None
+        lazy = self.lazy if self.base_mode(mode) == "lazy" else None
         kw = dict(lazy=lazy, kv_budget=budget, runner=self.args.runner, progress=False)
+        if self.kv_dtype(mode):
+            kw["kv_dtype"] = self.kv_dtype(mode)
         if self.args.block_size:
             kw["block_size"] = self.args.block_size
         kw.update(extra)
@@ -422,8 +448,8 @@ class Bench:
             if not rec["peak_kv_within_budget"]:
                 over = rec["peak_kv_bytes"] - budget
                 rec["note"] = (rec["note"] + "; " if rec["note"] else "") + \
-                    f"peak KV {over / (self.per_tl * t):.2f} layer(s) of this prompt over the budget"
-        if mode == "lazy" and rec.get("lazy_counts_ok") and set(rec["lazy_counts_ok"]) != {self.n_lazy}:
+                    f"peak KV {over / (self.per_token_layer(mode) * t):.2f} layer(s) of this prompt over the budget"
+        if self.base_mode(mode) == "lazy" and rec.get("lazy_counts_ok") and set(rec["lazy_counts_ok"]) != {self.n_lazy}:
             rec["note"] = (rec["note"] + "; " if rec["note"] else "") + \
                 f"lazy layers per seq {sorted(set(rec['lazy_counts_ok']))}, expected {self.n_lazy}"
         return self.record(rec)
@@ -448,15 +474,17 @@ class Bench:
                 self.run_engine(name, mode, prompts, self.new, self.kv_budget)
 
     def budget_counts(self, budget: int) -> dict[str, int]:
-        t, new, cap = self.long, self.new, self.capacity(budget)
-        return {"full": cap // self.units(t, new, 0), "lazy": cap // self.units(t, new, self.n_lazy)}
+        t, new = self.long, self.new
+        return {m: self.capacity(budget, m) // self.units(t, new, 0 if self.base_mode(m) == "full" else self.n_lazy)
+                for m in MODES if m != "hf"}
 
     def point_budget(self) -> None:
         name, t = "budget", self.long
         counts = self.budget_counts(self.kv_budget)
         self.info["budget_counts"] = counts
         print(f"budget {format_bytes(self.kv_budget)}: {counts['full']} x {t} fit in full mode, "
-              f"{counts['lazy']} x {t} with {self.n_lazy}/{self.L} lazy layers (worst case per sequence, "
+              f"{counts['lazy']} x {t} with {self.n_lazy}/{self.L} lazy layers; fp8 KV: {counts['full-fp8']} full, "
+              f"{counts['lazy-fp8']} lazy (worst case per sequence, "
               f"prompt + {self.new} new tokens)", flush=True)
         for mode in self.modes():
             if self.out_of_time():
@@ -512,8 +540,8 @@ class Bench:
     def longest_arith(self, budget: int, mode: str, extra_full: int = 0) -> int:
         """Longest prompt whose worst case fits ``budget`` by the admission rule (binary search; no
         context cap). ``extra_full``: full layers more than the mode keeps (a layer in flight)."""
-        n_lazy = (0 if mode == "full" else self.n_lazy) - extra_full
-        cap, lo, hi = self.capacity(budget), 0, 1
+        n_lazy = (0 if self.base_mode(mode) == "full" else self.n_lazy) - extra_full
+        cap, lo, hi = self.capacity(budget, mode), 0, 1
         while self.units(hi, self.long_new, n_lazy) <= cap:
             hi *= 2
         while hi - lo > 1:  # units(lo) fits, units(hi) does not
@@ -524,12 +552,12 @@ class Bench:
     def point_longest(self) -> None:
         name, budget = "longest", self.long_budget
         align = max(self.block, 16)  # whole pool blocks (prompt lengths only; the search counts new tokens)
-        arith40 = {m: self.longest_arith(self.kv_budget, m) for m in ("full", "lazy")}
+        arith40 = {m: self.longest_arith(self.kv_budget, m) for m in MODES if m != "hf"}
         self.info["longest_arith_kv_budget"] = arith40
         print(f"longest prompt by arithmetic at {format_bytes(self.kv_budget)}: full {arith40['full']}, lazy "
               f"{arith40['lazy']} (model context {self.context}); measured at --long-budget "
               f"{format_bytes(budget)}", flush=True)
-        for mode in ("full", "lazy"):
+        for mode in MODES[1:]:
             if mode not in self.modes():
                 continue
             if self.out_of_time():
@@ -540,7 +568,7 @@ class Bench:
             base = min(arith, cap)
             cands = []
             # the arithmetic, then one more full layer in flight during prefill, then a few steps down
-            extra_layer = base if mode == "full" else self.longest_arith(budget, mode, extra_full=1)
+            extra_layer = base if self.base_mode(mode) == "full" else self.longest_arith(budget, mode, extra_full=1)
             for t in (base, min(base, extra_layer), base * 0.97, base * 0.94, base * 0.9, base * 0.8):
                 t = int(t) // align * align
                 if t >= 1 and t not in cands:
@@ -563,7 +591,8 @@ class Bench:
                 note = f"arith {arith}{' (capped by context)' if arith > cap else ''}; tried {tried + [t]}"
                 last = self.run_engine(name, mode, prompt, self.long_new, budget, note=note, engine=engine)
                 tried.append(t)
-                fits = last["status"] == "ok" and (mode == "full" or last.get("lazy_counts_ok") == [self.n_lazy])
+                fits = last["status"] == "ok" and (self.base_mode(mode) == "full" or
+                                                   last.get("lazy_counts_ok") == [self.n_lazy])
                 last.update(fits=fits, arith_tokens=arith)
                 if fits:
                     break
@@ -674,6 +703,7 @@ class Bench:
         lf, ll = get("longest", "full", "prompt_tokens"), get("longest", "lazy", "prompt_tokens")
         r = ll / lf if lf and ll else None
         target("longest prompt: 50% lazy >= 1.9x full", r, 1.9, r is not None and r >= 1.9)
+        self.fp8_targets(get, target)
         on = get("scoring", "full", "prefill_s", note="lazy=None (scoring on)")
         off = get("scoring", "full", "prefill_s", note="lazy=None, score_layers=False")
         pct = 100 * (on - off) / off if on and off else None
@@ -685,6 +715,28 @@ class Bench:
         if not peaks:
             out[-1]["holds"] = None
         return out
+
+    def fp8_targets(self, get, target) -> None:
+        """Issue 14's fp8 targets (only where the -fp8 modes ran): budget point sequences admitted
+        (``max_running``) and decode tok/s against full bf16 and 50% lazy bf16; floors; longest prompt."""
+        def ratio(a, b):
+            return a / b if a and b else None
+
+        def check(name, value, limit):
+            target(name, value, limit, value is not None and value >= limit)
+
+        if get("budget", "lazy-fp8") or get("budget", "full-fp8"):
+            seqs = {m: get("budget", m, "max_running") for m in ("full", "lazy", "full-fp8", "lazy-fp8")}
+            tok = {m: get("budget", m) for m in seqs}
+            check("budget: 50% lazy + fp8 admits >= 3.8x the sequences of full bf16", ratio(seqs["lazy-fp8"], seqs["full"]), 3.8)
+            check("budget: 50% lazy + fp8 tok/s >= 3.5x full bf16", ratio(tok["lazy-fp8"], tok["full"]), 3.5)
+            check("budget: 50% lazy + fp8 tok/s >= 1.8x 50% lazy bf16", ratio(tok["lazy-fp8"], tok["lazy"]), 1.8)
+            check("budget: full + fp8 tok/s >= 1.8x full bf16", ratio(tok["full-fp8"], tok["full"]), 1.8)
+            for m in seqs:
+                check(f"budget: {m} decode >= 85% of its own bandwidth floor", get("budget", m, "floor_pct"), 85)
+        lf, l8 = get("longest", "full", "prompt_tokens"), get("longest", "lazy-fp8", "prompt_tokens")
+        if l8:
+            check("longest prompt: 50% lazy + fp8 >= 3.8x full bf16", ratio(l8, lf), 3.8)
 
     def report(self) -> None:
         print()
@@ -747,7 +799,7 @@ def summarize(engine: Engine, outs) -> dict:
 # ---------------------------------------------------------------------------------------------- table
 COLUMNS = ("point", "mode", "batch x prompt", "new", "prefill s", "decode tok/s", "floor tok/s", "% floor",
            "peak GPU GiB", "peak KV GiB", "lazy", "status")
-WIDTHS = (8, 5, 15, 4, 9, 12, 11, 7, 12, 11, 6, 8)
+WIDTHS = (8, 8, 15, 4, 9, 12, 11, 7, 12, 11, 6, 8)
 
 
 def format_row(r: dict) -> str:
@@ -802,7 +854,11 @@ def _git_commit() -> str | None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--points", default=",".join(POINTS), help=f"comma list of {', '.join(POINTS)} (or 'all')")
-    p.add_argument("--modes", default=",".join(MODES), help="comma list of hf, full, lazy")
+    p.add_argument("--modes", default="hf,full,lazy", help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--kv-dtype", default="auto", choices=("auto", "fp8"),
+                   help="KV dtype of the full and lazy modes (the -fp8 modes are always fp8)")
+    p.add_argument("--max-context", type=int,
+                   help="override the config's max_position_embeddings (fp8 lazy's longest prompt at 8 GiB passes 131072)")
     p.add_argument("--runner", default="auto", help="engine runner: auto | paged | reference")
     p.add_argument("--quick", action="store_true", help="CPU smoke: 2 layers, hidden 256, 256/512-token prompts, 8 new tokens")
     p.add_argument("--skip-hf", action="store_true", help="no HF transformers baseline")

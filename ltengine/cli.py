@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+KV_DTYPE_CHOICES = ("auto", "fp8", "bfloat16", "float16", "float32")  # --kv-dtype (EngineConfig.kv_dtype)
 DEMO_QUESTION = "Who is Mr. Bingley, and what does Mrs. Bennet want from him?"
 
 
@@ -44,6 +45,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--backend", default=None, choices=["reference"], help="force the pure-PyTorch kernels")
+    g.add_argument("--kv-dtype", default=None, choices=KV_DTYPE_CHOICES,
+                   help="what the KV cache stores: auto (the weights' dtype) or fp8 (float8_e4m3fn + per-token scales)")
     lz = p.add_argument_group("lazy layers (LightTransfer-Test)")
     lz.add_argument("--fraction", type=_fraction, default=None, help="share of layers made lazy, 0..1 (0 = full attention)")
     lz.add_argument("--sink", type=_positive, default=None, help="sink tokens kept by a lazy layer")
@@ -143,7 +146,7 @@ def _engine(args, lazy, device):
 
     print(f"loading {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {device} ...", file=sys.stderr)
     return Engine.from_pretrained(args.model, lazy=lazy, kv_budget=args.kv_budget, dtype=args.dtype,
-                                  device=device, backend=args.backend)
+                                  device=device, backend=args.backend, kv_dtype=args.kv_dtype)
 
 
 def _print_result(out) -> None:

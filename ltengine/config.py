@@ -7,6 +7,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from .kernels.fp8 import resolve_kv_dtype
+
 POLICIES = ("lighttransfer", "topk", "random", "streaming")
 SCORES = ("ratio", "peak")
 
@@ -207,6 +211,10 @@ class EngineConfig:
                         requests, so a long prompt stalls them for k layers at a time.
     progress:           progress bars (None: for batches of 16+ prompts and long CPU prefills).
     graphs:             capture paged decode steps in CUDA graphs (None: on CUDA).
+    kv_dtype:           what K/V are stored in: None / "auto" (the model's dtype), "fp8" (float8_e4m3fn
+                        with a float32 scale per token and KV head: half of bf16's bytes + 3% at D = 128;
+                        prefill attention still runs on the unquantized K/V), or a torch float dtype
+                        (or its name, e.g. "bfloat16"). Normalized to a ``torch.dtype`` or None.
     """
 
     runner: str = "auto"
@@ -218,8 +226,10 @@ class EngineConfig:
     interleave_layers: int = 0
     progress: bool | None = None
     graphs: bool | None = None
+    kv_dtype: "torch.dtype | str | None" = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kv_dtype", resolve_kv_dtype(self.kv_dtype))
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
         for name, low, what in (("block_size", 1, "a positive integer"),

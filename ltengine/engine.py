@@ -45,7 +45,8 @@ class Engine:
             keeps as many full layers as fit with it alone in the budget (at most ``1 - lazy.fraction``
             of them when a fraction is set); requests wait until what they need now fits.
         config: an ``EngineConfig``, or its fields as keyword arguments (runner, backend, block_size,
-            max_prefill_tokens, overlap, score_layers, interleave_layers, progress, graphs).
+            max_prefill_tokens, overlap, score_layers, interleave_layers, progress, graphs, kv_dtype:
+            ``kv_dtype="fp8"`` stores K/V as float8_e4m3fn with per-token scales).
         tensor_parallel: ranks to shard the model over (``ltengine/parallel``): under ``torchrun
             --nproc-per-node N`` each rank joins (ranks > 0 serve rank 0 inside this call, then exit);
             otherwise ranks 1..N-1 are spawned here. Rank 0 drives; ``kv_budget`` is the total.
@@ -71,7 +72,8 @@ class Engine:
             model, tokenizer, settings, self.tp = parallel.start(
                 tensor_parallel, model, tokenizer, {"lazy": lazy, "kv_budget": kv_budget, "config": self.config})
             lazy, kv_budget, self.config = settings["lazy"], settings["kv_budget"], settings["config"]
-        self.adapter = DecoderAdapter(model, shards=self.tp.world if self.tp is not None else 1)
+        self.adapter = DecoderAdapter(model, shards=self.tp.world if self.tp is not None else 1,
+                                      kv_dtype=self.config.kv_dtype)
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else find_tokenizer(model)
         if lazy is not None and not isinstance(lazy, LazyConfig):
@@ -166,13 +168,13 @@ class Engine:
         if (kind or self.runner_kind) == "reference":
             return ReferenceRunner(a, self.backend, budget)
         shape, dev, bs = a.shape, a.device, self.config.block_size
-        per_block = KVPool.block_bytes(bs, shape.num_kv_heads, shape.head_dim, a.dtype)
+        per_block = KVPool.block_bytes(bs, shape.num_kv_heads, shape.head_dim, a.kv_dtype)
         growable = budget is None and dev.type != "cuda"  # no budget on CPU: a pool that grows
         if budget is None and not growable:  # leave room for prefill activations of a long prompt and the graphs
             free, _ = torch.cuda.mem_get_info(dev)
             budget = int(free * 0.8) - (4 << 30)
         blocks = 64 if growable else max(2, budget // per_block + 1)
-        pool = KVPool(blocks, bs, shape.num_kv_heads, shape.head_dim, a.dtype, dev, growable=growable)
+        pool = KVPool(blocks, bs, shape.num_kv_heads, shape.head_dim, a.kv_dtype, dev, growable=growable)
         return PagedRunner(a, self.backend, pool, graphs=self.config.graphs,
                            fused_step=self.config.backend != "reference")
 
@@ -185,8 +187,8 @@ class Engine:
         out = dict(self.backend.describe())
         out["runner"] = self.runner_kind
         if self.runner_kind == "paged":
-            out["paged_decode"] = self.backend.impl_for("paged_decode", a.dtype, a.shape.head_dim)
-            fast = fused.available(a.device, a.dtype) and self.config.backend != "reference"
+            out["paged_decode"] = self.backend.impl_for("paged_decode", a.kv_dtype, a.shape.head_dim)
+            fast = fused.available(a.device, a.dtype, a.kv_dtype) and self.config.backend != "reference"
             out["fused_decode_step"] = "triton + CUDA graphs" if fast else "HF modules"
         return out
 

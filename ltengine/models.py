@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.fp8 import row_bytes
 from .loading import DEFAULT_MODEL_GGUF, DEFAULT_MODEL_PACKAGE, default_model_file, load_model  # noqa: F401 (re-exported)
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -41,9 +42,10 @@ class DecoderAdapter:
 
     ``shards``: the tensor-parallel rank count the model was sharded over (``parallel.shard_model``);
     ``shape`` then holds this rank's query and KV heads, and byte sizes are this rank's.
-    """
+    ``kv_dtype``: the dtype the runners store K/V in (None: the model's; ``float8_e4m3fn``: fp8 with a
+    float32 scale per token and KV head, ``kernels/fp8.py``)."""
 
-    def __init__(self, model: torch.nn.Module, shards: int = 1):
+    def __init__(self, model: torch.nn.Module, shards: int = 1, kv_dtype: torch.dtype | None = None):
         config = model.config
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED:
@@ -53,6 +55,7 @@ class DecoderAdapter:
             raise ValueError(f"{type(model).__name__} is not a causal LM with .model.layers and .lm_head; "
                              f"pass an AutoModelForCausalLM of type {', '.join(SUPPORTED)}")
         self.model, self.inner, self.layers = model, inner, list(inner.layers)
+        self._kv_dtype = kv_dtype
         attn = self.layers[0].self_attn
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.shape = ModelShape(
@@ -79,10 +82,15 @@ class DecoderAdapter:
         return self.model.lm_head.out_features
 
     @property
+    def kv_dtype(self) -> torch.dtype:
+        """The dtype K/V are stored in."""
+        return self._kv_dtype if self._kv_dtype is not None else self.dtype
+
+    @property
     def kv_bytes_per_token_layer(self) -> int:
-        """Bytes of one token's K and V in one layer, all KV heads, at the model's dtype."""
+        """Bytes of one token's K and V in one layer, all KV heads, in the KV dtype (fp8: scales included)."""
         s = self.shape
-        return 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return 2 * s.num_kv_heads * row_bytes(s.head_dim, self.kv_dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.inner.embed_tokens(ids)

@@ -30,6 +30,7 @@ import time
 import torch
 
 from .config import FULL, LazyConfig, SamplingParams
+from .kernels.fp8 import is_fp8
 from .lazy import FullPolicy, make_policy, needs_scores, plan_full_layers
 from .memory.pool import PoolExhausted
 from .prompts import QA_TEMPLATE
@@ -61,6 +62,9 @@ class DocumentSession:
             raise ValueError(f"mode must be one of {MODES} (or None for {DEFAULT_MODE!r}), got {mode!r}")
         if not isinstance(template, bool):
             raise ValueError(f"template must be True or False, got {template!r}")
+        if is_fp8(engine.adapter.kv_dtype):
+            raise ValueError("document sessions do not support kv_dtype='fp8' yet (their prefix prefill and "
+                             "forks read the pool unscaled); use an engine with the model's KV dtype")
         self.engine, self.lazy, self.mode, self.template = engine, lazy, mode, template
         self.runner = engine._session_runner()
         self._ids = itertools.count()

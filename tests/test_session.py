@@ -241,3 +241,10 @@ def test_cascade_decode_matches_the_paged_runner(mode):
         paged = s.runner.decode(handles, toks, pos)
     assert isinstance(s._decode, SharedPrefixDecode)
     torch.testing.assert_close(cascade, paged, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_engine_refuses_sessions_clearly():
+    engine = Engine(tiny_model("llama"), CharTokenizer(), lazy=None, kv_dtype="fp8", runner="paged")
+    with pytest.raises(ValueError, match="fp8"):
+        engine.document(list(range(3, 40)), template=False)
+    assert engine.generate(list(range(3, 20)), max_new_tokens=2).token_ids  # the engine stays usable

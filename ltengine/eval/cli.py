@@ -31,6 +31,8 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--model", default=None, help="local path, .gguf or hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--kv-dtype", default=None, choices=["auto", "fp8", "bfloat16", "float16", "float32"],
+                   help="what the decode caches store (fp8: float8_e4m3fn + per-token scales; default: the weights' dtype)")
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--probe", type=int, default=64, help="last prompt queries that score a layer")
     p.add_argument("--score", default="ratio", choices=sorted(RULES),
@@ -168,7 +170,7 @@ def _engine(args):
         torch.set_num_threads(args.threads)
     print(f"loading {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {args.device} ...", file=sys.stderr)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    return Engine(model, tok, lazy=None)
+    return Engine(model, tok, lazy=None, kv_dtype=getattr(args, "kv_dtype", None))
 
 
 def _args_dict(args) -> dict:

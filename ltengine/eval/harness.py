@@ -20,7 +20,7 @@ import torch
 from ..config import LazyConfig
 from ..kernels import get_backend
 from ..lazy import FullPolicy, make_policy
-from ..memory.cache import FullKV, KVMeter, SequenceKV, demote
+from ..memory.cache import FullKV, KVMeter, SequenceKV, demote, encode
 from ..models import DecoderAdapter
 from ..runners.base import LayerHook, LayerMajorPrefill, PrefillJob
 from ..runners.reference import decode_step
@@ -68,12 +68,15 @@ class SharedPrefill:
         return sorted(demoted + policy.finish())
 
     def build_cache(self, lazy_layers: Sequence[int], sink: int, window: int, total_tokens: int,
-                    backend) -> SequenceKV:
-        """A fresh SequenceKV: copies of the full caches, ``lazy_layers`` demoted, room reserved."""
+                    backend, kv_dtype: torch.dtype | None = None) -> SequenceKV:
+        """A fresh SequenceKV: copies of the full caches stored in ``kv_dtype`` (None: the adapter's,
+        e.g. fp8, as the runners store them), ``lazy_layers`` demoted, room reserved."""
         cache = SequenceKV(meter=KVMeter())
         lazy = set(lazy_layers)
+        kv_dtype = kv_dtype or self.adapter.kv_dtype
         for i, c in enumerate(self.full):
-            copy = FullKV(c.k.clone(), c.v.clone(), cache.meter)
+            k, v, scales = encode(c.k.clone(), c.v.clone(), kv_dtype)
+            copy = FullKV(k, v, cache.meter, scales=scales)
             cache.layers.append(demote(copy, sink, window, backend.truncate_kv_) if i in lazy else copy)
         for c in cache.layers:
             c.reserve(total_tokens)

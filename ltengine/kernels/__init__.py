@@ -7,7 +7,8 @@ Ops (shapes token-major, ``[B, T, H_kv, D]`` caches, ``[B, H_q, D]`` queries):
   score_ratio(q, k, sink, window, scale)                     -> float (prefill scoring, the paper's lazy ratio;
                                                                 q [H_q, P, D] last P queries, k [H_kv, T, D])
   score_peak(q, k, sink, window, scale)                      -> float (1 - best head's mass on its 8 top distant keys)
-  paged_decode(q, k_pool, v_pool, tables, n_valid, scale)    -> [B, H_q, D] (pool [NB, BS, H_kv, D], tables [B, MB])
+  paged_decode(q, k_pool, v_pool, tables, n_valid, scale[, k_scale, v_scale]) -> [B, H_q, D] (pool [NB, BS, H_kv, D],
+                                                                tables [B, MB]; an fp8 pool's scales [NB, BS, H_kv])
   paged_truncate_(k_pool, v_pool, tables, lengths, sink, window) -> None (in place: each row's kept tokens into
                                                                 their ring slots of its own blocks; tables [N, MB])
   prefill_sink_window(q, k, v, sink, window, scale)          -> [B, T, H_q, D] (streaming prefill: causal attention
@@ -158,9 +159,13 @@ class Backend:
         disp = self._ops[SCORE_OPS[rule]]
         return lambda q, k, sink, window, scale: disp.pick(q.dtype, q.shape[-1]).fn(q, k, sink, window, scale)
 
-    def paged_decode(self, q, k_pool, v_pool, tables, n_valid, scale):
-        """q [B, H_q, D], pools [NB, BS, H_kv, D], tables [B, MB] int32, n_valid [B] int32 -> [B, H_q, D]."""
-        return self._ops["paged_decode"].pick(q.dtype, q.shape[-1]).fn(q, k_pool, v_pool, tables, n_valid, scale)
+    def paged_decode(self, q, k_pool, v_pool, tables, n_valid, scale, k_scale=None, v_scale=None):
+        """q [B, H_q, D], pools [NB, BS, H_kv, D], tables [B, MB] int32, n_valid [B] int32 -> [B, H_q, D].
+        Chosen by the pool's dtype; an fp8 pool passes its scales ``[NB, BS, H_kv]``."""
+        fn = self._ops["paged_decode"].pick(k_pool.dtype, q.shape[-1]).fn
+        if k_scale is None:
+            return fn(q, k_pool, v_pool, tables, n_valid, scale)
+        return fn(q, k_pool, v_pool, tables, n_valid, scale, k_scale, v_scale)
 
     def paged_truncate_(self, k_pool, v_pool, tables, lengths, sink, window) -> None:
         """In place: row n's tokens [lengths[n] - window, lengths[n]) move to their ring slots in the

@@ -62,12 +62,18 @@ def paged_truncate_(k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Te
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
-                 n_valid: torch.Tensor, scale: float, *, programs: int = 0, min_chunk: int = 0) -> torch.Tensor:
+                 n_valid: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None, *, programs: int = 0, min_chunk: int = 0) -> torch.Tensor:
     """Decode attention of q ``[B, H_q, D]`` over slots ``[0, n_valid[b])`` of row b's blocks ``tables[b]``
     in pools ``[num_blocks, block_size, H_kv, D]`` -> ``[B, H_q, D]`` (a row with no keys gets zeros).
 
     ``programs`` (target chunks over all kv heads; 0: 16 per SM) and ``min_chunk`` (fewest keys per
-    chunk; 0: 128) tune the balanced schedule. Same contract as ``paged.paged_decode_ref``."""
+    chunk; 0: 128) tune the balanced schedule. Same contract as ``paged.paged_decode_ref``, except fp8:
+    the csrc kernel reads bf16/fp16/fp32 pools only (fp8 pools decode through Triton or the reference)."""
+    if k_scale is not None or v_scale is not None or k_pool.dtype not in PAGED_DTYPES:
+        raise NotImplementedError(f"the csrc paged_decode reads {[str(d) for d in PAGED_DTYPES]} pools without "
+                                  f"scales, got a {k_pool.dtype} pool; fp8 pools decode through the Triton kernel "
+                                  "(paged.paged_decode_triton) or the reference (paged.paged_decode_ref)")
     return torch.ops.ltengine.paged_decode(q, k_pool, v_pool, _index(tables, q.device), _index(n_valid, q.device),
                                            float(scale), int(programs), int(min_chunk))
 

@@ -4,7 +4,7 @@
   model's own ``h = h + out`` is), then RMSNorm of r; returns (normed, r). ``residual`` None: norm only.
 - ``rope_store(qkv, cos, sin, ...)``: in one launch over the heads of a fused QKV row: optional per-head
   RMSNorm of q and k (Qwen3), RoPE on q (in place) and k, and the k and v rows written into the KV
-  pool at each sequence's row.
+  pool at each sequence's row (an fp8 pool: quantized per row as ``fp8.quantize`` does, scales beside).
 - ``silu_mul(gate_up)``: ``silu(g) * u`` of a fused gate/up projection ``[N, 2I]`` -> ``[N, I]``.
 The references follow the HF modules' math (fp32 statistics, products in the input dtype).
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .fp8 import FP8_MAX, quantize
 
 try:
     import triton
@@ -28,9 +30,11 @@ def add_rmsnorm_ref(x, residual, weight, eps):
     return weight * h.to(x.dtype), r
 
 
-def rope_store_ref(qkv, cos, sin, h_q, h_kv, d, k_flat, v_flat, rows, qn=None, kn=None, eps=1e-6):
+def rope_store_ref(qkv, cos, sin, h_q, h_kv, d, k_flat, v_flat, rows, qn=None, kn=None, eps=1e-6,
+                   ks_flat=None, vs_flat=None):
     """qkv ``[B, (H_q + 2 H_kv) * D]`` (q is rotated in place); cos/sin ``[B, D]``; rows ``[B]``
-    flat pool rows; k_flat/v_flat ``[rows, H_kv, D]``. Returns q ``[B, H_q, D]``."""
+    flat pool rows; k_flat/v_flat ``[rows, H_kv, D]``; an fp8 pool's ks_flat/vs_flat ``[rows, H_kv]``.
+    Returns q ``[B, H_q, D]``."""
     b = qkv.shape[0]
     q = qkv[:, : h_q * d].view(b, h_q, d)
     k = qkv[:, h_q * d: (h_q + h_kv) * d].view(b, h_kv, d)
@@ -45,8 +49,14 @@ def rope_store_ref(qkv, cos, sin, h_q, h_kv, d, k_flat, v_flat, rows, qn=None, k
 
     qr = rot(q)
     qkv[:, : h_q * d].copy_(qr.reshape(b, -1))
-    k_flat[rows] = rot(k)
-    v_flat[rows] = v
+    if ks_flat is None:
+        k_flat[rows] = rot(k)
+        v_flat[rows] = v
+    else:
+        for flat, sflat, x in ((k_flat, ks_flat, rot(k)), (v_flat, vs_flat, v)):
+            x8, sc = quantize(x)
+            flat[rows] = x8
+            sflat[rows] = sc
     return qkv[:, : h_q * d].view(b, h_q, d)
 
 
@@ -72,9 +82,31 @@ if triton is not None:
         y = (xf * rstd).to(X.dtype.element_ty).to(tl.float32) * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(Y + row * sy + cols, y.to(Y.dtype.element_ty), mask=m)
 
+    _FP8_MAX = tl.constexpr(FP8_MAX)
+
     @triton.jit
-    def _rope_store_kernel(QKV, COS, SIN, KF, VF, ROWS, QN, KN, s_qkv, s_c, eps,
-                           HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, QK_NORM: tl.constexpr):
+    def _store_row(DST, SC, half, o1, o2, HALF: tl.constexpr, FP8: tl.constexpr):
+        """One K or V row, its two halves ``o1``/``o2``, into the pool at DST; ``FP8``: scaled to e4m3 as
+        ``fp8.quantize`` does (amax / 448, correctly rounded divisions), the scale stored at SC."""
+        if FP8:
+            f1 = o1.to(tl.float32)
+            f2 = o2.to(tl.float32)
+            amax = tl.maximum(tl.max(tl.abs(f1), 0), tl.max(tl.abs(f2), 0))
+            sc = tl.math.div_rn(amax, _FP8_MAX)
+            sc = tl.where(sc > 0, sc, 1.0)
+            f1 = tl.minimum(tl.maximum(tl.math.div_rn(f1, sc), -_FP8_MAX), _FP8_MAX)
+            f2 = tl.minimum(tl.maximum(tl.math.div_rn(f2, sc), -_FP8_MAX), _FP8_MAX)
+            tl.store(DST + half, f1.to(DST.dtype.element_ty))
+            tl.store(DST + HALF + half, f2.to(DST.dtype.element_ty))
+            tl.store(SC, sc)
+        else:
+            tl.store(DST + half, o1)
+            tl.store(DST + HALF + half, o2)
+
+    @triton.jit
+    def _rope_store_kernel(QKV, COS, SIN, KF, VF, KS, VS, ROWS, QN, KN, s_qkv, s_c, eps,
+                           HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, QK_NORM: tl.constexpr,
+                           FP8: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         half = tl.arange(0, D // 2)
@@ -104,12 +136,11 @@ if triton is not None:
                 tl.store(base + half, o1)
                 tl.store(base + D // 2 + half, o2)
             else:
-                dst = KF + (row * HK + (h - HQ)) * D
-                tl.store(dst + half, o1)
-                tl.store(dst + D // 2 + half, o2)
+                _store_row(KF + (row * HK + (h - HQ)) * D, KS + row * HK + (h - HQ), half, o1, o2, D // 2, FP8)
         else:
-            full = tl.arange(0, D)
-            tl.store(VF + (row * HK + (h - HQ - HK)) * D + full, tl.load(base + full))
+            hv = h - HQ - HK
+            _store_row(VF + (row * HK + hv) * D, VS + row * HK + hv, half, tl.load(base + half),
+                       tl.load(base + D // 2 + half), D // 2, FP8)
 
     @triton.jit
     def _silu_mul_kernel(GU, OUT, s_gu, s_o, n, BLOCK: tl.constexpr):
@@ -122,8 +153,10 @@ if triton is not None:
         tl.store(OUT + row * s_o + cols, a * u, mask=m)
 
 
-def available(device: torch.device, dtype: torch.dtype) -> bool:
-    return triton is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+def available(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> bool:
+    """The fused step runs fp16/bf16 models on CUDA, over a pool of the model's dtype or fp8."""
+    return triton is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) \
+        and kv_dtype in (None, dtype, torch.float8_e4m3fn)
 
 
 def add_rmsnorm(x, residual, weight, eps):
@@ -139,12 +172,15 @@ def add_rmsnorm(x, residual, weight, eps):
     return y.view(x.shape), (ro.view(x.shape) if residual is not None else x)
 
 
-def rope_store(qkv, cos, sin, h_q, h_kv, d, k_flat, v_flat, rows, qn=None, kn=None, eps=1e-6):
+def rope_store(qkv, cos, sin, h_q, h_kv, d, k_flat, v_flat, rows, qn=None, kn=None, eps=1e-6,
+               ks_flat=None, vs_flat=None):
     """Triton twin of ``rope_store_ref``."""
     b = qkv.shape[0]
+    fp8 = ks_flat is not None
     _rope_store_kernel[(b, h_q + 2 * h_kv)](
-        qkv, cos, sin, k_flat, v_flat, rows, qn if qn is not None else cos, kn if kn is not None else cos,
-        qkv.stride(0), cos.stride(0), eps, HQ=h_q, HK=h_kv, D=d, QK_NORM=qn is not None, num_warps=1)
+        qkv, cos, sin, k_flat, v_flat, ks_flat if fp8 else cos, vs_flat if fp8 else cos, rows,
+        qn if qn is not None else cos, kn if kn is not None else cos,
+        qkv.stride(0), cos.stride(0), eps, HQ=h_q, HK=h_kv, D=d, QK_NORM=qn is not None, FP8=fp8, num_warps=1)
     return qkv[:, : h_q * d].view(b, h_q, d)
 
 

@@ -6,6 +6,11 @@ attended. Full layers pass their length; sink + window layers ``min(length, sink
 valid slots are always that prefix (ring order does not matter to softmax). Entries of a table past
 a sequence's blocks may hold any valid block id; slots past ``n`` are never read by the kernel and
 are masked out by the reference.
+
+fp8 pools (``float8_e4m3fn``) come with ``k_scale``/``v_scale`` ``[num_blocks, block_size, H_kv]``, one
+float32 scale per stored row (``fp8.py``). Both twins dequantize without a float copy of the cache: a
+key's scale multiplies its score (``q . k8 * s_k``), a value's scale its probability (``p * s_v``) before
+the weighted sum over fp8 values, as the Triton kernel does in registers.
 """
 from __future__ import annotations
 
@@ -14,27 +19,42 @@ import functools
 import torch
 
 from ._triton import tl, triton
+from .fp8 import as_bytes, take_rows
 from .reference import decode_full_ref
 
 
-def paged_decode_ref(q, k_pool, v_pool, block_tables, n_valid, scale):
-    """Gathers each sequence's blocks into a contiguous cache, then ``decode_full_ref``."""
+def paged_decode_ref(q, k_pool, v_pool, block_tables, n_valid, scale, k_scale=None, v_scale=None):
+    """Gathers each sequence's blocks into a contiguous cache, then ``decode_full_ref``; with scales
+    (an fp8 pool) the scaled-score form below, in float32."""
     b, mb = block_tables.shape
     bs = k_pool.shape[1]
     idx = block_tables.long()
-    k = k_pool[idx].reshape(b, mb * bs, *k_pool.shape[2:])
-    v = v_pool[idx].reshape(b, mb * bs, *v_pool.shape[2:])
-    return decode_full_ref(q, k, v, n_valid, scale)
+    k = take_rows(k_pool, idx).reshape(b, mb * bs, *k_pool.shape[2:])
+    v = take_rows(v_pool, idx).reshape(b, mb * bs, *v_pool.shape[2:])
+    if k_scale is None:
+        return decode_full_ref(q, k.to(q.dtype), v.to(q.dtype), n_valid, scale)
+    ks = k_scale[idx].reshape(b, mb * bs, -1).float()  # [B, T, H_kv]
+    vs = v_scale[idx].reshape(b, mb * bs, -1).float()
+    h_q, h_kv, d = q.shape[1], k.shape[2], q.shape[2]
+    valid = torch.arange(mb * bs, device=q.device)[None, :] < n_valid.to(q.device).long()[:, None]  # [B, T]
+    qf = q.float().reshape(b, h_kv, h_q // h_kv, d)
+    scores = torch.einsum("bhgd,bthd->bhgt", qf, k.float()) * ks.permute(0, 2, 1)[:, :, None] * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # a row with no keys -> zeros
+    probs = probs * vs.masked_fill(~valid[:, :, None], 0.0).permute(0, 2, 1)[:, :, None]
+    out = torch.einsum("bhgt,bthd->bhgd", probs, v.float().masked_fill(~valid[:, :, None, None], 0.0))
+    return out.reshape(b, h_q, d).to(q.dtype)
 
 
 def paged_truncate_ref_(k_pool, v_pool, block_tables, lengths, sink: int, window: int) -> None:
     """In place: for each row n, the tokens ``[L - window, L)`` (L = ``lengths[n]``) move from their
     slots in the blocks ``block_tables[n]`` (slot order) to their ring slots ``ring_slot(p)``; the
     sink stays. Rows with L <= sink + window already hold every token in its ring slot. The kept rows
-    are gathered before any is written, so overlapping sources and destinations are harmless."""
+    are gathered before any is written, so overlapping sources and destinations are harmless.
+    Rows move as bytes (any dtype, fp8 included; an fp8 pool's scales move by a second call on them)."""
     bs = k_pool.shape[1]
-    flat_k = k_pool.view(-1, *k_pool.shape[2:])
-    flat_v = v_pool.view(-1, *v_pool.shape[2:])
+    flat_k = as_bytes(k_pool).view(-1, *k_pool.shape[2:])
+    flat_v = as_bytes(v_pool).view(-1, *v_pool.shape[2:])
     for n, length in enumerate(lengths.tolist()):
         if length <= sink + window:
             continue
@@ -50,10 +70,13 @@ def paged_truncate_ref_(k_pool, v_pool, block_tables, lengths, sink: int, window
 if triton is not None:
 
     @triton.jit
-    def _attend_keys(q, K, V, TABLE, head_off, lo, hi, s_kb, s_kt, scale, d, dmask, GP: tl.constexpr,
-                     DP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    def _attend_keys(q, K, V, KS, VS, TABLE, head_off, h, lo, hi, s_kb, s_kt, s_sb, s_st, scale, d, dmask,
+                     GP: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     IEEE: tl.constexpr, FP8: tl.constexpr):
         """Online softmax of the query rows ``q [GP, DP]`` over one row's keys ``[lo, hi)`` (slot t in
-        block ``TABLE[t // BS]``), BLOCK_N keys at a time: returns (max, sum of exp, weighted values)."""
+        block ``TABLE[t // BS]``), BLOCK_N keys at a time: returns (max, sum of exp, weighted values).
+        Keys and values are cast to q's dtype in registers; ``FP8``: each key's scale (KS, strides
+        s_sb/s_st, head h) multiplies its score and each value's scale (VS) its probability."""
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, DP], tl.float32)
@@ -62,17 +85,22 @@ if triton is not None:
             tmask = t < hi
             blk = tl.load(TABLE + t // BS, mask=tmask, other=0).to(tl.int64)
             off = blk * s_kb + (t % BS) * s_kt + head_off
-            k = tl.load(K + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
-            v = tl.load(V + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            k = tl.load(K + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)
+            v = tl.load(V + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)
             if IEEE:  # fp32 caches: exact fp32 dots, not TF32
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
                 qk = tl.dot(q, tl.trans(k)) * scale
+            if FP8:
+                soff = blk * s_sb + (t % BS) * s_st + h
+                qk = qk * tl.load(KS + soff, mask=tmask, other=0.0)[None, :]
             qk = tl.where(tmask[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
+            if FP8:  # the sum above is of the unscaled probabilities; the values' scales weight p
+                p = p * tl.load(VS + soff, mask=tmask, other=0.0)[None, :]
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             else:
@@ -101,11 +129,11 @@ if triton is not None:
         return r, ns, per, ch, cum
 
     @triton.jit
-    def _paged_chunk_kernel(Q, K, V, TABLES, NVALID, PO, PM, PL, B,
-                            s_qb, s_qh, s_kb, s_kt, s_kh, s_tb, s_oh, s_oc, s_mh,
+    def _paged_chunk_kernel(Q, K, V, KS, VS, TABLES, NVALID, PO, PM, PL, B,
+                            s_qb, s_qh, s_kb, s_kt, s_kh, s_sb, s_st, s_tb, s_oh, s_oc, s_mh,
                             scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                             BS: tl.constexpr, BLOCK_N: tl.constexpr, TPH: tl.constexpr, MIN_CHUNK: tl.constexpr,
-                            BP: tl.constexpr, IEEE: tl.constexpr):
+                            BP: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr):
         h = tl.program_id(0)
         c = tl.program_id(1)  # a chunk number; past the batch's chunk count the program has nothing to do
         r, ns, per, ch, cum = _chunk_plan(NVALID, B, TPH, MIN_CHUNK, BLOCK_N, BP)
@@ -121,8 +149,8 @@ if triton is not None:
         dmask = d < D
         q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :],
                     mask=(gmask[:, None] & dmask[None, :]) & live, other=0.0)
-        m_i, l_i, acc = _attend_keys(q, K, V, TABLES + b * s_tb, h * s_kh, lo, hi, s_kb, s_kt, scale, d, dmask,
-                                     GP, DP, BS, BLOCK_N, IEEE)
+        m_i, l_i, acc = _attend_keys(q, K, V, KS, VS, TABLES + b * s_tb, h * s_kh, h, lo, hi, s_kb, s_kt, s_sb, s_st,
+                                     scale, d, dmask, GP, DP, BS, BLOCK_N, IEEE, FP8)
         rows = (h * G + g) * s_oh + c * s_oc
         tl.store(PO + rows[:, None] + d[None, :], acc, mask=(gmask[:, None] & dmask[None, :]) & live)
         mrow = (h * G + g) * s_mh + c
@@ -162,8 +190,10 @@ if triton is not None:
 
 
 def triton_supports(dtype: torch.dtype, head_dim: int) -> bool:
-    """bf16/fp16 (fp32 accumulation) and fp32 (IEEE dots); any head dim up to 256 (padded to a power of 2)."""
-    return triton is not None and dtype in (torch.float16, torch.bfloat16, torch.float32) and 8 <= head_dim <= 256
+    """Pools of bf16/fp16 (fp32 accumulation), fp32 (IEEE dots) or fp8 e4m3 with scales; any head dim up
+    to 256 (padded to a power of 2)."""
+    return triton is not None and dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn) \
+        and 8 <= head_dim <= 256
 
 
 @functools.cache
@@ -175,9 +205,9 @@ PROGRAMS_PER_SM = 16  # the split kernels aim at this many programs per SM (benc
 MIN_CHUNK = 128  # fewest keys one balanced chunk takes (shorter ones cost more in merging than they gain)
 
 
-def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, block_n: int | None = None,
-                        num_warps: int = 4, num_stages: int = 2, programs: int | None = None,
-                        min_chunk: int | None = None):
+def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, k_scale=None, v_scale=None,
+                        block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                        programs: int | None = None, min_chunk: int | None = None):
     """Split-K (flash-decoding) paged decode; fp32 accumulation. Same contract as ``paged_decode_ref``.
 
     The balanced schedule: the keys of the whole batch are cut into chunks of one size (total keys /
@@ -185,8 +215,14 @@ def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, block_n
     and every program reads about the same; the sizes are worked out on the device from ``n_valid``, so
     the launch is fixed for a CUDA graph while lengths change. This keeps the GPU evenly loaded when
     full-length rows and sink + window rows share a layer (a lazy batch).
+    ``k_scale``/``v_scale``: an fp8 pool's per-row scales, applied in registers (see the module doc).
     ``block_n``/``num_warps``/``num_stages``/``programs``/``min_chunk``: tuning knobs.
     """
+    fp8 = k_scale is not None
+    if fp8 != (k_pool.dtype == torch.float8_e4m3fn) or (fp8 and v_scale is None):
+        raise ValueError(f"an fp8 pool needs k_scale and v_scale and only an fp8 pool takes them; got a "
+                         f"{k_pool.dtype} pool with k_scale {'set' if fp8 else 'None'}")
+    ks, vs = (k_scale, v_scale) if fp8 else (k_pool, v_pool)  # unread placeholders without scales
     b, h_q, d = q.shape
     bs, h_kv = k_pool.shape[1], k_pool.shape[2]
     g = h_q // h_kv
@@ -203,11 +239,12 @@ def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, block_n
     part_l = torch.empty_like(part_m)
     bp = max(16, triton.next_power_of_2(b))
     _paged_chunk_kernel[(h_kv, n_chunks)](
-        q, k_pool, v_pool, block_tables, n_valid, part_o, part_m, part_l, b,
-        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
+        q, k_pool, v_pool, ks, vs, block_tables, n_valid, part_o, part_m, part_l, b,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0, block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_m.stride(0),
         scale, G=g, GP=gp, D=d, DP=dp, BS=bs, BLOCK_N=block_n, TPH=tph, MIN_CHUNK=min_chunk, BP=bp,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+        IEEE=q.dtype == torch.float32, FP8=fp8, num_warps=num_warps, num_stages=num_stages)
     _combine_chunks_kernel[(b, h_q)](
         n_valid, part_o, part_m, part_l, out, b, part_o.stride(0), part_o.stride(1), part_m.stride(0),
         out.stride(0), out.stride(1), TPH=tph, MIN_CHUNK=min_chunk, BLOCK_N=block_n, BP=bp, D=d, DP=dp,

@@ -150,5 +150,6 @@ def truncate_kv_ref_(
         pos = torch.arange(length - window, length, device=k.device)
         slots = ring_slot(pos, sink, window)
         for cache in (k, v):
+            cache = cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache  # fp8 moves as bytes
             cache[b, slots] = cache[b, pos].clone()
     return lengths.clamp(max=cap)

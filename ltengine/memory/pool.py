@@ -8,10 +8,14 @@ preemption hand blocks back at once.
 
 Blocks are reference-counted so that a document session's prefix is held once and read by every
 question on it (``share``): ``free`` drops one reference, and a block returns to the pool with its last.
+An fp8 pool (``dtype=float8_e4m3fn``) also holds ``k_scale`` and ``v_scale`` ``[num_blocks, block_size,
+H_kv]`` float32: one scale per token and KV head (``kernels/fp8.py`` says why), moved with their rows.
 """
 from __future__ import annotations
 
 import torch
+
+from ..kernels.fp8 import SCALE_DTYPE, is_fp8, row_bytes
 
 
 class PoolExhausted(RuntimeError):
@@ -32,6 +36,9 @@ class KVPool:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.scaled = is_fp8(dtype)
+        self.k_scale = torch.ones(shape[:3], dtype=SCALE_DTYPE, device=device) if self.scaled else None
+        self.v_scale = torch.ones(shape[:3], dtype=SCALE_DTYPE, device=device) if self.scaled else None
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low block ids first
         self._refs = [0] * num_blocks  # holders of each block (0: free)
@@ -39,16 +46,23 @@ class KVPool:
 
     @staticmethod
     def block_bytes(block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """Bytes of one K block plus one V block."""
-        return 2 * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        """Bytes of one K block plus one V block (fp8: their scales included)."""
+        return 2 * block_size * num_kv_heads * row_bytes(head_dim, dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v] + ([self.k_scale, self.v_scale] if self.scaled else [])
 
     @property
     def bytes_per_block(self) -> int:
-        return self.k[0].nbytes + self.v[0].nbytes
+        return sum(t[0].nbytes for t in self._tensors())
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in self._tensors())
 
     @property
     def free_blocks(self) -> int:
@@ -97,6 +111,9 @@ class KVPool:
         old = self.num_blocks
         self.k = torch.cat([self.k, self.k.new_empty((extra, *self.k.shape[1:]))])
         self.v = torch.cat([self.v, self.v.new_empty((extra, *self.v.shape[1:]))])
+        if self.scaled:
+            self.k_scale = torch.cat([self.k_scale, self.k_scale.new_ones((extra, *self.k_scale.shape[1:]))])
+            self.v_scale = torch.cat([self.v_scale, self.v_scale.new_ones((extra, *self.v_scale.shape[1:]))])
         self.num_blocks = old + extra
         self._refs += [0] * extra
         self._free = list(range(self.num_blocks - 1, old - 1, -1)) + self._free

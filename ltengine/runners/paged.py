@@ -7,6 +7,10 @@ builds, once per batch change, tensors ``tables [L, B, MB]``, ``lazy [L, B]`` an
 window on the device (grown blocks are patched in); each step then computes write slots, the valid
 prefix of each cache and the attention on the device with no host sync inside the step, and can be
 captured in a CUDA graph per batch-size bucket.
+
+An fp8 pool (``kv_dtype="fp8"``) stores every row as it is written (prompt KV in ``store``, each decode
+token in the step) through ``fp8.quantize``, scales beside it; demotion and preemption move the scales
+with their rows; the decode kernel reads fp8 and the scales.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Sequence
 import torch
 
 from ..kernels import fused
+from ..kernels.fp8 import put_rows_, quantize, take_rows
 from ..memory.pool import KVPool
 from ..models import DecoderAdapter
 from .base import LayerMajorPrefill, PrefillJob, PrefillRequest, PrefillResult, PrefillTask, Runner
@@ -39,6 +44,7 @@ class _Swapped:
     seq: PagedSeq  # its block lists hold the block counts; k/v the data
     k: list[torch.Tensor]  # per layer [n_blocks, BS, H_kv, D] on the host
     v: list[torch.Tensor]
+    scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # an fp8 pool's, per layer [n_blocks, BS, H_kv]
 
 
 class _Store:
@@ -58,19 +64,14 @@ class _Store:
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, lazy: bool) -> None:
         pool, seq, t = self.r.pool, self.seq, self.length
         blocks = pool.alloc(pool.blocks_for(self.ring if lazy else self.room))
-        flat_k, flat_v = self.r.flat()  # after alloc: a growable pool may have moved
         if lazy:  # stored straight as sink + window: positions kept, written into their ring slots
             sink, window = seq.sink, seq.window
             pos = torch.cat([torch.arange(min(t, sink), device=k.device),
                              torch.arange(max(sink, t - window), max(sink, t), device=k.device)])
             slots = torch.where(pos < sink, pos, sink + (pos - sink) % window)
-            rows = self._rows(blocks, slots)
-            flat_k.index_copy_(0, rows, k.index_select(0, pos))
-            flat_v.index_copy_(0, rows, v.index_select(0, pos))
+            self.r.write_rows(self._rows(blocks, slots), k.index_select(0, pos), v.index_select(0, pos))
         else:
-            rows = self._rows(blocks, torch.arange(t, device=k.device))
-            flat_k.index_copy_(0, rows, k)
-            flat_v.index_copy_(0, rows, v)
+            self.r.write_rows(self._rows(blocks, torch.arange(t, device=k.device)), k, v)
         seq.blocks[layer], seq.lazy[layer] = blocks, lazy
 
     def demote(self, layer: int) -> None:
@@ -82,6 +83,9 @@ class _Store:
             table = torch.tensor([blocks], dtype=torch.int32, device=dev)
             lengths = torch.tensor([self.length], dtype=torch.int32, device=dev)
             self.r.backend.paged_truncate_(pool.k, pool.v, table, lengths, seq.sink, seq.window)
+            if pool.scaled:  # the scales move with their rows: the same op over [NB, BS, H_kv, 1]
+                self.r.backend.paged_truncate_(pool.k_scale.unsqueeze(-1), pool.v_scale.unsqueeze(-1), table,
+                                               lengths, seq.sink, seq.window)
         keep = pool.blocks_for(self.ring)
         pool.free(blocks[keep:])
         seq.blocks[layer], seq.lazy[layer] = blocks[:keep], True
@@ -101,8 +105,9 @@ class PagedRunner(Runner):
         self.max_blocks = max(1, pool.blocks_for(reach))
         self.graphs = (pool.k.device.type == "cuda" and not pool.growable) if graphs is None else graphs
         # fused decode kernels (CUDA, fp16/bf16); the HF modules otherwise
-        self.fused = adapter.fused_weights() if fused_step and fused.available(pool.k.device, pool.k.dtype) else None
-        self.attn_name = backend.impl_for("paged_decode", pool.k.dtype, s.head_dim)
+        fast = fused_step and fused.available(pool.k.device, adapter.dtype, pool.dtype)
+        self.fused = adapter.fused_weights() if fast else None
+        self.attn_name = backend.impl_for("paged_decode", pool.dtype, s.head_dim)
         self._batch: tuple | None = None
         self._dirty: list[tuple[PagedSeq, int, int, int]] = []  # (seq, layer, index, block) grown since
         self._static: dict[int, dict] = {}
@@ -112,6 +117,25 @@ class PagedRunner(Runner):
         """The pool as ``[blocks * block_size, H_kv, D]`` rows (a view; a growable pool may move)."""
         k, v = self.pool.k, self.pool.v
         return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+    def flat_scales(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """An fp8 pool's scales as ``[blocks * block_size, H_kv]`` rows (None, None otherwise)."""
+        if not self.pool.scaled:
+            return None, None
+        return self.pool.k_scale.view(-1, self.pool.k_scale.shape[2]), self.pool.v_scale.view(-1, self.pool.v_scale.shape[2])
+
+    def write_rows(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K/V ``[N, H_kv, D]`` into flat pool ``rows`` ``[N]``, quantized (fp8) or cast to the pool's dtype."""
+        flat_k, flat_v = self.flat()
+        if self.pool.scaled:
+            flat_ks, flat_vs = self.flat_scales()
+            for flat, flat_s, x in ((flat_k, flat_ks, k), (flat_v, flat_vs, v)):
+                x8, sc = quantize(x)
+                put_rows_(flat, rows, x8)
+                flat_s.index_copy_(0, rows, sc)
+        else:
+            put_rows_(flat_k, rows, k)
+            put_rows_(flat_v, rows, v)
 
     @property
     def used(self) -> int:
@@ -182,13 +206,16 @@ class PagedRunner(Runner):
                 seq.blocks[layer].append(blk)
 
     def swap_out(self, seq: PagedSeq) -> _Swapped:
-        ks, vs = [], []
+        ks, vs, scales = [], [], [] if self.pool.scaled else None
         for blocks in seq.blocks:
             idx = torch.tensor(blocks, dtype=torch.long, device=self.pool.k.device)
-            ks.append(self.pool.k.index_select(0, idx).to("cpu"))
-            vs.append(self.pool.v.index_select(0, idx).to("cpu"))
+            ks.append(take_rows(self.pool.k, idx).to("cpu"))
+            vs.append(take_rows(self.pool.v, idx).to("cpu"))
+            if scales is not None:
+                scales.append((self.pool.k_scale.index_select(0, idx).to("cpu"),
+                               self.pool.v_scale.index_select(0, idx).to("cpu")))
         swapped = _Swapped(PagedSeq(seq.sink, seq.window, [list(b) for b in seq.blocks], list(seq.lazy), seq.room),
-                           ks, vs)
+                           ks, vs, scales)
         self.release(seq)
         return swapped
 
@@ -199,10 +226,13 @@ class PagedRunner(Runner):
         seq = swapped.seq
         dev = self.pool.k.device
         seq.blocks = [self.pool.alloc(len(b)) for b in seq.blocks]
-        for blocks, k, v in zip(seq.blocks, swapped.k, swapped.v):
+        for layer, (blocks, k, v) in enumerate(zip(seq.blocks, swapped.k, swapped.v)):
             idx = torch.tensor(blocks, dtype=torch.long, device=dev)
-            self.pool.k.index_copy_(0, idx, k.to(dev))
-            self.pool.v.index_copy_(0, idx, v.to(dev))
+            put_rows_(self.pool.k, idx, k.to(dev))
+            put_rows_(self.pool.v, idx, v.to(dev))
+            if swapped.scales is not None:
+                self.pool.k_scale.index_copy_(0, idx, swapped.scales[layer][0].to(dev))
+                self.pool.v_scale.index_copy_(0, idx, swapped.scales[layer][1].to(dev))
         self._batch = None
         return seq
 
@@ -234,33 +264,35 @@ class PagedRunner(Runner):
         blk = torch.gather(tables, 2, (slot // bs).to(torch.int64).unsqueeze(-1)).squeeze(-1).long()
         row = blk * bs + slot % bs
         n_valid = torch.where(lazy, torch.minimum(pos + 1, sink + window), pos + 1).to(torch.int32)
-        flat_k, flat_v = self.flat()
         h = a.embed(st["tokens"].view(b, 1))
         cos, sin = a.rope(h, pos.view(b, 1))
         if self.fused is not None:
-            return self._step_fused(st, h[:, 0], cos[:, 0], sin[:, 0], row, tables, n_valid, flat_k, flat_v)
+            return self._step_fused(st, h[:, 0], cos[:, 0], sin[:, 0], row, tables, n_valid)
+        p = self.pool
         for i in range(a.shape.num_layers):
             q, k, v = a.qkv(i, h, cos, sin)
-            flat_k.index_copy_(0, row[i], k[:, 0])
-            flat_v.index_copy_(0, row[i], v[:, 0])
-            o = self.backend.paged_decode(q[:, 0], self.pool.k, self.pool.v, tables[i], n_valid[i], a.scale)
+            self.write_rows(row[i], k[:, 0], v[:, 0])
+            o = self.backend.paged_decode(q[:, 0], p.k, p.v, tables[i], n_valid[i], a.scale, p.k_scale, p.v_scale)
             h = a.finish_layer(i, h, o.reshape(b, 1, -1))
         st["logits"].copy_(a.logits(h[:, -1]))
         return st["logits"]
 
-    def _step_fused(self, st, x, cos, sin, row, tables, n_valid, flat_k, flat_v) -> torch.Tensor:
+    def _step_fused(self, st, x, cos, sin, row, tables, n_valid) -> torch.Tensor:
         """The decode step with merged projections and fused elementwise kernels: per layer two
         norms, three GEMMs, one RoPE + KV-store kernel, the attention and the gated MLP."""
         a, shape = self.adapter, self.adapter.shape
         h_q, h_kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
-        layers = self.fused
+        layers, p = self.fused, self.pool
+        flat_k, flat_v = self.flat()
+        flat_ks, flat_vs = self.flat_scales()
         b = x.shape[0]
         eps = layers[0]["ln1"].variance_epsilon
         normed, resid = fused.add_rmsnorm(x, None, layers[0]["ln1"].weight, eps)
         for i, w in enumerate(layers):
             qkv = torch.nn.functional.linear(normed, w["qkv_w"], w["qkv_b"])
-            q = fused.rope_store(qkv, cos, sin, h_q, h_kv, d, flat_k, flat_v, row[i], w["qn"], w["kn"], eps)
-            o = self.backend.paged_decode(q, self.pool.k, self.pool.v, tables[i], n_valid[i], a.scale)
+            q = fused.rope_store(qkv, cos, sin, h_q, h_kv, d, flat_k, flat_v, row[i], w["qn"], w["kn"], eps,
+                                 flat_ks, flat_vs)
+            o = self.backend.paged_decode(q, p.k, p.v, tables[i], n_valid[i], a.scale, p.k_scale, p.v_scale)
             o = w["o"](o.reshape(b, -1))
             normed, resid = fused.add_rmsnorm(o, resid, w["ln2"].weight, eps)
             m = w["down"](fused.silu_mul(torch.nn.functional.linear(normed, w["gate_up_w"])))

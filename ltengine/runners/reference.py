@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ..memory.cache import FullKV, KVMeter, SequenceKV, SinkWindowKV, contiguous_footprint, demote, truncated
+from ..memory.cache import FullKV, KVMeter, SequenceKV, SinkWindowKV, contiguous_footprint, demote, encode, truncated
 from ..models import DecoderAdapter
 from .base import LayerMajorPrefill, PrefillJob, PrefillRequest, PrefillResult, PrefillTask, Runner
 
@@ -26,11 +26,12 @@ class _Store:
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, lazy: bool) -> None:
         r = self.runner
+        k, v, scales = encode(k, v, r.adapter.kv_dtype)  # stored in the KV dtype (fp8: quantized here)
         if lazy:
             self.cache.layers[layer] = truncated(k, v, k.shape[0], self.sink, self.window, r.backend.truncate_kv_,
-                                                 r.meter, self.total)
+                                                 r.meter, self.total, scales)
         else:
-            self.cache.layers[layer] = FullKV(k, v, r.meter, self.total)
+            self.cache.layers[layer] = FullKV(k, v, r.meter, self.total, scales)
 
     def demote(self, layer: int) -> None:
         self.cache.layers[layer] = demote(self.cache.layers[layer], self.sink, self.window,
@@ -39,7 +40,7 @@ class _Store:
 
 @dataclass
 class _Swapped:
-    layers: list  # per layer (streaming, k, v, length, sink, window) with k/v on the host
+    layers: list  # per layer (streaming, k, v, length, sink, window, scales) with k/v (scales) on the host
     nbytes: int
 
 
@@ -106,7 +107,9 @@ class ReferenceRunner(Runner):
     # ------------------------------------------------------------------ preemption
     def swap_out(self, cache: SequenceKV) -> _Swapped:
         layers = [(c.streaming, c.k.to("cpu", copy=True), c.v.to("cpu", copy=True), c.length,
-                   getattr(c, "sink", 0), getattr(c, "window", 0)) for c in cache.layers]
+                   getattr(c, "sink", 0), getattr(c, "window", 0),
+                   None if c.scales is None else tuple(x.to("cpu", copy=True) for x in c.scales))
+                  for c in cache.layers]
         nbytes = cache.nbytes
         cache.release()
         return _Swapped(layers, nbytes)
@@ -117,24 +120,27 @@ class ReferenceRunner(Runner):
     def swap_in(self, swapped: _Swapped) -> SequenceKV:
         dev = self.adapter.device
         cache = SequenceKV(layers=[], meter=self.meter)
-        for streaming, k, v, length, sink, window in swapped.layers:
+        for streaming, k, v, length, sink, window, scales in swapped.layers:
             k, v = k.to(dev), v.to(dev)
+            scales = None if scales is None else tuple(x.to(dev) for x in scales)
             if streaming:
-                cache.layers.append(SinkWindowKV(k, v, length, sink, window, self.meter))
+                cache.layers.append(SinkWindowKV(k, v, length, sink, window, self.meter, scales))
             else:
-                c = FullKV(k, v, self.meter)
+                c = FullKV(k, v, self.meter, scales=scales)
                 c.length = length
                 cache.layers.append(c)
         return cache
 
 
 def _attend(backend, q: torch.Tensor, c, scale: float) -> torch.Tensor:
-    """One sequence's decode attention for one layer. q ``[1, H_q, D]`` -> ``[1, H_q, D]``."""
+    """One sequence's decode attention for one layer. q ``[1, H_q, D]`` -> ``[1, H_q, D]`` (an fp8 or
+    other-dtype cache is read through a dequantized copy: the reference path, not a fast one)."""
     lengths = torch.tensor([c.length], dtype=torch.int32, device=q.device)
+    k, v = c.dequantized(q.dtype)
     if c.streaming and c.capacity == c.sink + c.window:
-        return backend.decode_sink_window(q, c.k.unsqueeze(0), c.v.unsqueeze(0), lengths, c.sink, c.window, scale)
+        return backend.decode_sink_window(q, k.unsqueeze(0), v.unsqueeze(0), lengths, c.sink, c.window, scale)
     # a full layer, or a streaming one that never outgrew sink + window (every slot is in order)
-    return backend.decode_full(q, c.k.unsqueeze(0), c.v.unsqueeze(0), lengths, scale)
+    return backend.decode_full(q, k.unsqueeze(0), v.unsqueeze(0), lengths, scale)
 
 
 @torch.inference_mode()

@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 
+from ..cli import KV_DTYPE_CHOICES
+
 
 def add_subcommand(subparsers) -> None:
     p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the [serve] extra)",
@@ -33,6 +35,8 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--api-key", default=os.environ.get("LTENGINE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LTENGINE_API_KEY, else open)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--kv-dtype", default=None, choices=KV_DTYPE_CHOICES,
+                   help="what the KV cache stores: auto (the weights' dtype) or fp8 (float8_e4m3fn + per-token scales)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="shard the model over N GPUs of this host (ranks 1..N-1 are spawned; README 'Tensor parallelism')")
@@ -89,6 +93,8 @@ def build_server(args):
     if args.tensor_parallel != 1:
         kwargs["tensor_parallel"] = args.tensor_parallel
     print(f"ltengine serve: loading {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {device} ...", file=sys.stderr)
+    if args.kv_dtype is not None:
+        kwargs["kv_dtype"] = args.kv_dtype
     engine = Engine.from_pretrained(args.model, lazy=lazy, kv_budget=args.kv_budget, dtype=args.dtype, device=device,
                                     **kwargs)
     names = [args.served_model_name or _model_name(args.model)]
