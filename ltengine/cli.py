@@ -191,6 +191,8 @@ def cmd_qa(args) -> int:
     print(f"document: {name}, {len(document)} characters", file=sys.stderr)
     # one document session: the document is prefilled once, the questions decode as one batch
     with engine.document(document, mode=args.mode) as doc:
+        print(f"document prefilled once: {doc.doc_tokens} tokens in {doc.prefill_s:.2f} s "
+              f"(session mode {doc.mode!r}; each question's own prefill and decode follow)", file=sys.stderr)
         outs = doc.ask_many(questions, **kw)
     if len(questions) == 1:
         print(f"question: {questions[0]}\n", file=sys.stderr)
