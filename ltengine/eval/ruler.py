@@ -101,15 +101,17 @@ def sessions_missing(engine) -> str | None:
 
 
 def run_sessions(engine, samples: list[RulerSample], configs: list[RulerConfig], desc: str = "sessions") -> list[dict]:
-    """Records for session configs: per sample and config, ``engine.document(instruction + context)``
-    prefilled once, then ``.ask(question)`` greedily."""
+    """Records for session configs: per sample and config, ``engine.document`` on the sample's prompt
+    up to its question (token ids, ``template=False``: the very prompt the harness configs see), then
+    ``.ask`` of the question's tokens (question, the template's end, the answer prefix), greedily. So
+    ``session-full`` is the harness's ``full`` decoded through a session."""
     records = []
     for cfg in configs:
         for s in tqdm(samples, desc=f"{desc} {cfg.key}", unit="prompt"):
             t0 = time.perf_counter()
-            doc = engine.document(s.document, lazy=cfg.lazy(), mode=cfg.mode)
+            doc = engine.document(s.document_ids, lazy=cfg.lazy(), mode=cfg.mode, template=False)
             try:
-                out = doc.ask(s.question, max_new_tokens=s.max_new_tokens)
+                out = doc.ask(s.question_ids, max_new_tokens=s.max_new_tokens)
             finally:
                 doc.close()
             layers = getattr(out, "lazy_layers", None) or []

@@ -7,9 +7,10 @@
 - ``random{pct}``: random layers at ``pct``% (a new draw per prompt).
 - ``streaming``: every layer sink + window, the window chosen per prompt length so the KV after prefill
   equals the 50%-lazy configs' (``run.equal_bytes_window``; ``streaming{pct}`` for another fraction).
-- ``session-full``, ``session-context``, ``session-question``: ``Engine.document(context, lazy=...,
-  mode=...)`` then ``.ask(question)``; 50% lazy with the peak score (``session-full``: fraction 0, the
-  sessions' own baseline, since a session's prompt is the engine's QA template, not the harness's).
+- ``session-full``, ``session-context``, ``session-question``: ``Engine.document(prompt up to the
+  question, lazy=..., mode=..., template=False)`` then ``.ask(the question's tokens)``, on the very prompt
+  the harness configs see; 50% lazy with the peak score (``session-full``: fraction 0, which must
+  equal ``full``: a check of the session path).
 """
 from __future__ import annotations
 

@@ -25,11 +25,22 @@ class RulerSample:
     answers: list[str]
     ids: list[int] = field(default_factory=list)  # the chat prompt, token ids
     max_new_tokens: int = 16
+    question_tokens: int = 0  # the last tokens of ``ids``: the question, the template's end, the answer prefix
 
     @property
     def document(self) -> str:
-        """What a document session prefills: the instruction and the context."""
+        """The instruction and the context as text."""
         return f"{self.instruction}\n\n{self.context}"
+
+    @property
+    def document_ids(self) -> list[int]:
+        """What a document session prefills: ``ids`` up to the question (template head, instruction,
+        context), so that a session answers on exactly the harness configs' prompt."""
+        return self.ids[:len(self.ids) - self.question_tokens]
+
+    @property
+    def question_ids(self) -> list[int]:
+        return self.ids[len(self.ids) - self.question_tokens:]
 
 
 def max_new_tokens(task: str) -> int:
@@ -142,7 +153,7 @@ class _Builder:
 
     def sample(self, index: int, text: str, ids: list[int], answers: list[str]) -> RulerSample:
         return RulerSample(self.task, self.length, index, self.instruction, text, self.question,
-                           self.answer_prefix, answers, self.head + ids + self.tail, self.max_new)
+                           self.answer_prefix, answers, self.head + ids + self.tail, self.max_new, len(self.tail))
 
 
 def _unit_tokens(b: _Builder, units: list[str]) -> float:
