@@ -208,8 +208,6 @@ async def run_trace_http(url: str, trace: list[dict], timeout: float) -> tuple[l
 
 
 def start_server(args, mode: str) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -220,18 +218,26 @@ def start_server(args, mode: str) -> tuple[subprocess.Popen, str]:
            "--window", str(args.window)] + (["--quick"] if args.quick else [])
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.start_timeout
+    wait_healthy(proc, url, args.start_timeout, mode)
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, name: str = "the") -> None:
+    """Until ``url/health`` answers 200; the server is killed (by its pid) and this raises on timeout."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"{mode} server exited with {proc.returncode}")
+            raise RuntimeError(f"{name} server exited with {proc.returncode}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
             os.kill(proc.pid, signal.SIGKILL)
-            raise RuntimeError(f"{mode} server not healthy after {args.start_timeout} s")
+            raise RuntimeError(f"{name} server not healthy after {timeout} s")
         time.sleep(0.5)
 
 

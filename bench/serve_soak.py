@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from serve_load import NumberTokenizer, scrape  # noqa: E402
+from serve_load import NumberTokenizer, scrape, wait_healthy  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -124,27 +124,14 @@ def serve_main(a) -> int:
 
 
 def start_server(a) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = [a for a in sys.argv[1:] if a != "--serve"]
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--serve", "--port", str(port)])
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            os.kill(proc.pid, signal.SIGKILL)
-            raise RuntimeError("server not healthy after 600 s")
-        time.sleep(0.5)
+    wait_healthy(proc, url, 600)
+    return proc, url
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -38,7 +38,7 @@ from .runners.base import PrefillRequest
 from .runners.cascade import SharedPrefixDecode
 from .runners.prefix import fork, fork_blocks, prefill_on_prefix
 from .sequence import GenerationOutput, RequestOutput, Sequence, SequenceStatus
-from .stepper import _sample, _stopped
+from .stepper import _sample, append_token
 
 MODES = ("context", "question")
 DEFAULT_MODE = "question"
@@ -246,16 +246,7 @@ class DocumentSession:
 
     def _accept(self, seq: Sequence, token: int, out: RequestOutput) -> None:
         e = self.engine
-        seq.tokens.append(token)
-        seq.stats.new_tokens = len(seq.tokens)
-        e.totals["generation_tokens"] += 1
-        params, decode = seq.params, e.prompts.decode
-        if token in e.eos_ids and not params.ignore_eos:
-            seq.finish_reason, seq.text = "eos", decode(seq.tokens[:-1])
-        elif params.stop and _stopped(seq, decode):
-            pass
-        elif len(seq.tokens) >= params.max_new_tokens:
-            seq.text, seq.finish_reason = decode(seq.tokens), "length"
+        append_token(e, seq, token)
         out.new_token_ids.append(token)
         if seq.finish_reason is not None:
             seq.stats.decode_s = time.perf_counter() - seq.decode_start

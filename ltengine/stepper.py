@@ -199,9 +199,9 @@ def _take(engine, launched: _Launched, outs: dict) -> None:
             _accept(engine, seq, tok, outs)
 
 
-def _accept(engine, seq: Sequence, token: int, outs: dict) -> None:
-    """Append a sampled token, finish the sequence if it is done (its ``text`` is set then: running
-    sequences are not detokenized every step), and report it."""
+def append_token(engine, seq: Sequence, token: int) -> None:
+    """Append a sampled token and set ``finish_reason`` if the sequence is done (its ``text`` is set
+    then: running sequences are not detokenized every step). Shared with document sessions."""
     seq.tokens.append(token)
     seq.stats.new_tokens = len(seq.tokens)
     engine.totals["generation_tokens"] += 1
@@ -212,6 +212,11 @@ def _accept(engine, seq: Sequence, token: int, outs: dict) -> None:
         pass
     elif len(seq.tokens) >= params.max_new_tokens:
         seq.text, seq.finish_reason = decode(seq.tokens), "length"
+
+
+def _accept(engine, seq: Sequence, token: int, outs: dict) -> None:
+    """Append a sampled token, finish the sequence if it is done, and report it."""
+    append_token(engine, seq, token)
     out = outs.get(seq.request_id)
     if out is None:
         out = outs[seq.request_id] = RequestOutput(seq.request_id, [])
