@@ -254,12 +254,18 @@ def run_server_mode(args, mode: str, trace: list[dict]) -> dict:
                   "peak_kv_bytes": max(m.get("ltengine_peak_kv_bytes", 0), seen.get("ltengine_kv_bytes_used", 0))}
         return summarize(mode, recs, wall, server, args.kv_budget)
     finally:
+        stop_server(proc)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains and exits), SIGKILL after 30 s; both by its pid."""
+    if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------------------------- in-process

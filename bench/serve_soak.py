@@ -32,7 +32,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from serve_load import NumberTokenizer, scrape, wait_healthy  # noqa: E402
+from serve_load import NumberTokenizer, scrape, stop_server, wait_healthy  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -68,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # what the server child is started with
     q = a.quick
     a.requests = a.requests or (120 if q else 1000)
     a.min_len = a.min_len or (16 if q else 64)
@@ -127,21 +127,11 @@ def start_server(a) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [a for a in sys.argv[1:] if a != "--serve"]
+    argv = [x for x in a.argv if x != "--serve"]
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--serve", "--port", str(port)])
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url, 600)
     return proc, url
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
 
 
 # ---------------------------------------------------------------------------------------------- trace
@@ -269,7 +259,7 @@ def main(argv=None) -> int:
         recs, wall = asyncio.run(run_trace(url, trace, a.timeout))
         idle = wait_idle(url)
     finally:
-        stop(proc)
+        stop_server(proc)
     print(f"trace done in {wall:.1f} s; server stopped (exit {proc.returncode})", flush=True)
 
     by_id = {r["id"]: r for r in trace}
