@@ -39,17 +39,11 @@ def heatmap(path: str | Path, acc: Sequence[Sequence[float]], lengths: Sequence[
     """Accuracy heatmap, rows = needle depth, columns = prompt length; each cell annotated."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(lengths), 0.9 + 0.45 * len(depths)), dpi=90)
-    im = ax.imshow([list(r) for r in acc], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("needle depth")
-    for i, row in enumerate(acc):
-        for j, v in enumerate(row):
-            ax.text(j, i, "-" if v != v else f"{v:.0%}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, fraction=0.05)
-    ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return _annotated(fig, ax, acc, "{:.0%}", 1, title, path)
 
 
 def bars(path: str | Path, names: Sequence[str], values: Sequence[float], lo: Sequence[float],
@@ -83,14 +77,19 @@ def grid_heatmap(path: str | Path, values: Sequence[Sequence[float]], rows: Sequ
     """Scores in [0, 1] as a heatmap with labelled rows and columns (e.g. RULER task x config)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(2.2 + 0.75 * len(cols), 1.0 + 0.38 * len(rows)), dpi=90)
-    im = ax.imshow([list(r) for r in values], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(cols)), list(cols), rotation=35, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows)), list(rows), fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    return _annotated(fig, ax, values, "{:.0f}", 100, title, path)
+
+
+def _annotated(fig, ax, values, fmt: str, scale: float, title: str, path: str | Path) -> Path:
+    """Scores in [0, 1] drawn red-to-green, each cell labelled ``fmt.format(scale * v)`` ("-" for NaN)."""
+    im = ax.imshow([list(r) for r in values], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     for i, row in enumerate(values):
         for j, v in enumerate(row):
-            ax.text(j, i, "-" if v != v else f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, "-" if v != v else fmt.format(scale * v), ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, fraction=0.05)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
