@@ -21,10 +21,9 @@ import torch
 from .config import FULL, EngineConfig, LazyConfig, SamplingParams, parse_bytes
 from .kernels import get_backend
 from .lazy import make_policy, needs_scores
-from .memory.pool import KVPool
 from .models import DecoderAdapter, load_model
 from .prompts import Prompts, eos_ids, find_tokenizer
-from .runners import PagedRunner, PrefillRequest, ReferenceRunner
+from .runners import PrefillRequest, build_runner
 from .scheduler import Scheduler
 from .sequence import GenerationOutput, RequestOutput, Sequence, SequenceStatus, TextStream
 
@@ -162,21 +161,10 @@ class Engine:
         return self._sessions_runner
 
     def _make_runner(self, kind: str | None = None):
-        a, budget = self.adapter, self._kv_budget
+        budget = self._kv_budget
         if self.tp is not None and budget is not None:
             budget //= self.tp.world  # this rank's share
-        if (kind or self.runner_kind) == "reference":
-            return ReferenceRunner(a, self.backend, budget)
-        shape, dev, bs = a.shape, a.device, self.config.block_size
-        per_block = KVPool.block_bytes(bs, shape.num_kv_heads, shape.head_dim, a.kv_dtype)
-        growable = budget is None and dev.type != "cuda"  # no budget on CPU: a pool that grows
-        if budget is None and not growable:  # leave room for prefill activations of a long prompt and the graphs
-            free, _ = torch.cuda.mem_get_info(dev)
-            budget = int(free * 0.8) - (4 << 30)
-        blocks = 64 if growable else max(2, budget // per_block + 1)
-        pool = KVPool(blocks, bs, shape.num_kv_heads, shape.head_dim, a.kv_dtype, dev, growable=growable)
-        return PagedRunner(a, self.backend, pool, graphs=self.config.graphs,
-                           fused_step=self.config.backend != "reference")
+        return build_runner(kind or self.runner_kind, self.adapter, self.backend, self.config, budget)
 
     @property
     def backends(self) -> dict[str, str]:
