@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-
+from ..runners import default_cuda_budget
 from .comm import TPGroup
 from .launch import close_at_exit, serve, start, stop_workers
 from .mirror import Mirror
@@ -31,9 +30,8 @@ def attach(engine) -> None:
     engine.backend.scorer = lambda rule: reduced_scorer(rule, base(rule), group)
     engine.mirror = Mirror(group)
     if engine.kv_budget is None and engine.adapter.device.type == "cuda":
-        # the engine's default (Engine._make_runner) from each rank's free memory; the smallest share wins
-        free, _ = torch.cuda.mem_get_info(engine.adapter.device)
-        share = group.reduce_host([int(free * 0.8) - (4 << 30)], "min")[0]
+        # the runners' default from each rank's free memory; the smallest share wins
+        share = group.reduce_host([default_cuda_budget(engine.adapter.device)], "min")[0]
         group.default_budget = engine._kv_budget = int(share) * group.world
     if group.driver:
         close_at_exit(engine)

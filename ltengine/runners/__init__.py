@@ -7,7 +7,7 @@ from .base import LayerMajorPrefill, PrefillJob, PrefillRequest, PrefillResult, 
 from .paged import PagedRunner
 from .reference import ReferenceRunner, decode_step
 
-__all__ = ["LayerMajorPrefill", "build_runner", "PagedRunner", "PrefillJob", "PrefillRequest", "PrefillResult", "PrefillTask",
+__all__ = ["LayerMajorPrefill", "build_runner", "default_cuda_budget", "PagedRunner", "PrefillJob", "PrefillRequest", "PrefillResult", "PrefillTask",
            "ReferenceRunner", "Runner", "decode_step", "prefill_attention"]
 
 
@@ -21,8 +21,13 @@ def build_runner(kind: str, adapter, backend, config, budget: int | None) -> Run
     per_block = KVPool.block_bytes(bs, shape.num_kv_heads, shape.head_dim, adapter.kv_dtype)
     growable = budget is None and dev.type != "cuda"
     if budget is None and not growable:
-        free, _ = torch.cuda.mem_get_info(dev)
-        budget = int(free * 0.8) - (4 << 30)
+        budget = default_cuda_budget(dev)
     blocks = 64 if growable else max(2, budget // per_block + 1)
     pool = KVPool(blocks, bs, shape.num_kv_heads, shape.head_dim, adapter.kv_dtype, dev, growable=growable)
     return PagedRunner(adapter, backend, pool, graphs=config.graphs, fused_step=config.backend != "reference")
+
+
+def default_cuda_budget(device: torch.device) -> int:
+    """KV bytes a paged runner takes on ``device`` when given no budget: 80% of the free memory less 4 GiB."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * 0.8) - (4 << 30)
