@@ -4,9 +4,9 @@ paged truncation, as % of the device-to-device copy bandwidth measured in the sa
     python3 bench/kernels.py              (writes $OUT/kernels.json when OUT is set)
     python3 bench/kernels.py --knobs      (also: the CUDA kernel's schedule knobs at each shape)
 
-Decode: bf16, Llama-3-8B-shaped (32 q heads / 8 kv heads, D 128), 64-token blocks at random places in
-the pool, 32 layers' calls in one CUDA graph (distinct blocks per layer while they fit 8 GB), median of
-5 replays; bytes = K + V of the valid slots. Shapes: 1x8k, 8x8k, 1x32k full, and the 40 GiB budget
+Decode: bf16 and fp8 pools (e4m3 with per-row fp32 scales; bf16 queries), Llama-3-8B-shaped (32 q heads /
+8 kv heads, D 128), 64-token blocks at random places in the pool, 32 layers' calls in one CUDA graph (distinct blocks per layer while they fit 8 GB), median of
+5 replays; bytes = K + V of the valid slots (and their scales, fp8). Shapes: 1x8k, 8x8k, 1x32k full, and the 40 GiB budget
 points of the 8B model: full = 9 rows of 33k keys (bucket 16), 50% lazy = 19 rows of 33k alternating
 with 1,024-key rows (bucket 24), 64 sink + window rows of 1,024. Truncation: N rows of 33k tokens
 demoted to sink 4 + window 1020 in one call; bytes = the window's K and V read + written.
@@ -58,17 +58,18 @@ def copy_bandwidth() -> float:
 
 
 def decode_table(bw: float, knobs: bool) -> list[dict]:
+    """Every shape: Triton vs CUDA over bf16 pools, then over fp8 pools (per-row scales counted)."""
     rows = []
-    print(f"{'shape':46s} {'triton':>16s} {'cuda':>16s}  cuda/triton")
+    print(f"{'shape':46s} {'triton':>16s} {'cuda':>16s}  cuda/triton | {'triton fp8':>16s} {'cuda fp8':>16s}  ratio")
+    impls = (("triton", paged_decode_triton, False), ("cuda", kcuda.paged_decode, False),
+             ("triton_fp8", paged_decode_triton, True), ("cuda_fp8", kcuda.paged_decode, True))
     for name, b, t, bucket, width, short, budget in SHAPES:
-        res = {}
-        for impl, fn in (("triton", paged_decode_triton), ("cuda", kcuda.paged_decode)):
-            res[impl] = graph_point(b, t, bucket, width, fn, short=short)
+        res = {impl: graph_point(b, t, bucket, width, fn, short=short, fp8=fp8) for impl, fn, fp8 in impls}
         row = {"shape": name, "budget": budget, **{f"{k}_gbs": v / 1e9 for k, v in res.items()},
                **{f"{k}_pct_copy": 100 * v / bw for k, v in res.items()}}
-        print(f"{name:46s} {res['triton'] / 1e9:6.0f} GB/s {row['triton_pct_copy']:5.1f}% "
-              f"{res['cuda'] / 1e9:6.0f} GB/s {row['cuda_pct_copy']:5.1f}%  {res['cuda'] / res['triton']:5.2f}x",
-              flush=True)
+        cells = [f"{res[k] / 1e9:6.0f} GB/s {row[f'{k}_pct_copy']:5.1f}%" for k, _, _ in impls]
+        print(f"{name:46s} {cells[0]} {cells[1]}  {res['cuda'] / res['triton']:5.2f}x      | {cells[2]} {cells[3]}  "
+              f"{res['cuda_fp8'] / res['triton_fp8']:5.2f}x", flush=True)
         if knobs:
             sweep = {}
             for per in (8, 16, 32):

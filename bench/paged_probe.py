@@ -84,20 +84,26 @@ def kernel_point(name, b, tokens, layers, bw, h_kv=8, d=128, fn=None, **knobs):
 
 
 def graph_point(b, tokens, bucket, width, fn=paged_decode_triton, layers=32, bs=64, h_kv=8, h_q=32, d=128, reps=5,
-                short=None, dtype=torch.bfloat16, **knobs):
+                short=None, dtype=torch.bfloat16, fp8=False, **knobs):
     """GB/s of ``layers`` paged decode calls of ``fn`` replayed from one CUDA graph (no launch overhead),
     ``b`` real rows of ``tokens`` keys padded to ``bucket`` rows (every other one of ``short`` keys when
     set); distinct blocks per layer while they fit 8 GB (so small caches are not re-read from L2), else
-    layers share one set of blocks. ``knobs`` go to ``fn``."""
-    per_layer = 2 * b * -(-tokens // bs) * bs * h_kv * d * 2
+    layers share one set of blocks. ``fp8``: the pools are float8_e4m3fn with random per-row fp32
+    scales (bytes read count the scales). ``knobs`` go to ``fn``."""
+    row = d * (1 if fp8 else torch.finfo(dtype).bits // 8) + (4 if fp8 else 0)  # bytes of one K (or V) row
+    per_layer = 2 * b * -(-tokens // bs) * bs * h_kv * row
     copies = max(1, min(layers, int(8e9 // per_layer)))
     q, k, v, tables, n = paged_case(b, tokens, copies, bucket, width, bs, h_kv, h_q, d, short, dtype)
-    fn(q, k, v, tables[0], n, 0.1, **knobs)
+    scales = ()
+    if fp8:
+        k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+        scales = tuple(torch.rand(k.shape[:3], device="cuda") + 0.5 for _ in range(2))
+    fn(q, k, v, tables[0], n, 0.1, *scales, **knobs)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(layers):
-            fn(q, k, v, tables[i % copies], n, 0.1, **knobs)
+            fn(q, k, v, tables[i % copies], n, 0.1, *scales, **knobs)
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -108,8 +114,8 @@ def graph_point(b, tokens, bucket, width, fn=paged_decode_triton, layers=32, bs=
         e.record()
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
-    read = 2 * int(n.sum()) * h_kv * d * k.element_size() * layers
-    del graph, k, v
+    read = 2 * int(n.sum()) * h_kv * row * layers
+    del graph, k, v, scales
     torch.cuda.empty_cache()
     return read / sorted(times)[len(times) // 2]
 

@@ -4,30 +4,33 @@
 // see real ops); importing ltengine._C loads this library and registers them.
 //   truncate_kv_(k, v, lengths, sink, window)                      CPU + CUDA, any dtype, in place
 //   paged_truncate_(k_pool, v_pool, tables, lengths, sink, window) CPU + CUDA, any dtype, in place
-//   paged_decode(q, k_pool, v_pool, tables, n_valid, scale, programs, min_chunk) -> out
-//                                                                  CUDA, bf16/fp16/fp32, D % 8 == 0, D <= 256
+//   paged_decode(q, k_pool, v_pool, tables, n_valid, scale, k_scale, v_scale, programs, min_chunk, stages) -> out
+//                                                                  CUDA; bf16/fp16/fp32 pools (D % 8 == 0) and
+//                                                                  fp8 e4m3 pools with scales (D % 16 == 0), D <= 256
+// Argument checks are LT_CHECK (check.h): TORCH_CHECK's message formatting crashed on the device image.
 #include <torch/extension.h>
 
 #include <cstring>
 
+#include "check.h"
 #include "truncate_kv.h"
 
 namespace ltengine {
 
 void check_truncate_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths, int64_t sink,
                          int64_t window) {
-  TORCH_CHECK(sink >= 0 && window >= 1, "truncate_kv_: need sink >= 0 and window >= 1, got sink=", sink,
+  LT_CHECK(sink >= 0 && window >= 1, "truncate_kv_: need sink >= 0 and window >= 1, got sink=", sink,
               ", window=", window);
-  TORCH_CHECK(k.dim() == 4, "truncate_kv_: k must be [B, T_cap, H_kv, D], got ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "truncate_kv_: v ", v.sizes(), " must match k ", k.sizes());
-  TORCH_CHECK(v.dtype() == k.dtype(), "truncate_kv_: v dtype ", v.dtype(), " must match k dtype ", k.dtype());
-  TORCH_CHECK(v.device() == k.device(), "truncate_kv_: k and v must be on one device");
-  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "truncate_kv_: the last dim of k and v must be contiguous");
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == k.size(0), "truncate_kv_: lengths must be [B=", k.size(0),
+  LT_CHECK(k.dim() == 4, "truncate_kv_: k must be [B, T_cap, H_kv, D], got ", k.sizes());
+  LT_CHECK(v.sizes() == k.sizes(), "truncate_kv_: v ", v.sizes(), " must match k ", k.sizes());
+  LT_CHECK(v.dtype() == k.dtype(), "truncate_kv_: v dtype ", v.dtype(), " must match k dtype ", k.dtype());
+  LT_CHECK(v.device() == k.device(), "truncate_kv_: k and v must be on one device");
+  LT_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "truncate_kv_: the last dim of k and v must be contiguous");
+  LT_CHECK(lengths.dim() == 1 && lengths.size(0) == k.size(0), "truncate_kv_: lengths must be [B=", k.size(0),
               "], got ", lengths.sizes());
-  TORCH_CHECK(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong,
+  LT_CHECK(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong,
               "truncate_kv_: lengths must be int32 or int64, got ", lengths.scalar_type());
-  TORCH_CHECK(lengths.device() == k.device(), "truncate_kv_: lengths on ", lengths.device(), " but k on ",
+  LT_CHECK(lengths.device() == k.device(), "truncate_kv_: lengths on ", lengths.device(), " but k on ",
               k.device());
 }
 
@@ -42,13 +45,13 @@ static inline int64_t ring_source(int64_t L, int64_t j, int64_t sink, int64_t wi
 
 void truncate_kv_cpu(at::Tensor k, at::Tensor v, const at::Tensor& lengths, int64_t sink, int64_t window) {
   check_truncate_args(k, v, lengths, sink, window);
-  TORCH_CHECK(k.device().is_cpu(), "truncate_kv_ (CPU): tensors must be on the CPU");
+  LT_CHECK(k.device().is_cpu(), "truncate_kv_ (CPU): tensors must be on the CPU");
   const at::Tensor lens = lengths.to(at::kLong).contiguous();
   const int64_t* L = lens.data_ptr<int64_t>();
   const int64_t B = k.size(0), T = k.size(1), H = k.size(2);
   const int64_t row_bytes = k.size(3) * k.element_size();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(L[b] >= 0 && L[b] <= T, "truncate_kv_: lengths[", b, "]=", L[b], " outside [0, T_cap=", T, "]");
+    LT_CHECK(L[b] >= 0 && L[b] <= T, "truncate_kv_: lengths[", b, "]=", L[b], " outside [0, T_cap=", T, "]");
   }
   for (at::Tensor* t : {&k, &v}) {
     char* base = static_cast<char*>(t->data_ptr());
@@ -71,32 +74,32 @@ void truncate_kv_cpu(at::Tensor k, at::Tensor v, const at::Tensor& lengths, int6
 
 void check_paged_truncate_args(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& tables,
                                const at::Tensor& lengths, int64_t sink, int64_t window) {
-  TORCH_CHECK(sink >= 0 && window >= 1, "paged_truncate_: need sink >= 0 and window >= 1, got sink=", sink,
+  LT_CHECK(sink >= 0 && window >= 1, "paged_truncate_: need sink >= 0 and window >= 1, got sink=", sink,
               ", window=", window);
-  TORCH_CHECK(k_pool.dim() == 4, "paged_truncate_: k_pool must be [num_blocks, block_size, H_kv, D], got ",
+  LT_CHECK(k_pool.dim() == 4, "paged_truncate_: k_pool must be [num_blocks, block_size, H_kv, D], got ",
               k_pool.sizes());
-  TORCH_CHECK(v_pool.sizes() == k_pool.sizes(), "paged_truncate_: v_pool ", v_pool.sizes(), " must match k_pool ",
+  LT_CHECK(v_pool.sizes() == k_pool.sizes(), "paged_truncate_: v_pool ", v_pool.sizes(), " must match k_pool ",
               k_pool.sizes());
-  TORCH_CHECK(v_pool.dtype() == k_pool.dtype(), "paged_truncate_: v_pool dtype ", v_pool.dtype(),
+  LT_CHECK(v_pool.dtype() == k_pool.dtype(), "paged_truncate_: v_pool dtype ", v_pool.dtype(),
               " must match k_pool dtype ", k_pool.dtype());
-  TORCH_CHECK(v_pool.device() == k_pool.device() && tables.device() == k_pool.device() &&
+  LT_CHECK(v_pool.device() == k_pool.device() && tables.device() == k_pool.device() &&
                   lengths.device() == k_pool.device(),
               "paged_truncate_: k_pool, v_pool, tables and lengths must be on one device; got ", k_pool.device(), ", ",
               v_pool.device(), ", ", tables.device(), ", ", lengths.device());
-  TORCH_CHECK(k_pool.stride(3) == 1 && v_pool.stride(3) == 1,
+  LT_CHECK(k_pool.stride(3) == 1 && v_pool.stride(3) == 1,
               "paged_truncate_: the last dim of k_pool and v_pool must be contiguous");
-  TORCH_CHECK(tables.dim() == 2 && tables.scalar_type() == at::kInt,
+  LT_CHECK(tables.dim() == 2 && tables.scalar_type() == at::kInt,
               "paged_truncate_: tables must be int32 [N, MB], got ", tables.scalar_type(), " ", tables.sizes());
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == tables.size(0), "paged_truncate_: lengths must be [N=",
+  LT_CHECK(lengths.dim() == 1 && lengths.size(0) == tables.size(0), "paged_truncate_: lengths must be [N=",
               tables.size(0), "], got ", lengths.sizes());
-  TORCH_CHECK(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong,
+  LT_CHECK(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong,
               "paged_truncate_: lengths must be int32 or int64, got ", lengths.scalar_type());
 }
 
 void paged_truncate_cpu(at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& tables, const at::Tensor& lengths,
                         int64_t sink, int64_t window) {
   check_paged_truncate_args(k_pool, v_pool, tables, lengths, sink, window);
-  TORCH_CHECK(k_pool.device().is_cpu(), "paged_truncate_ (CPU): tensors must be on the CPU");
+  LT_CHECK(k_pool.device().is_cpu(), "paged_truncate_ (CPU): tensors must be on the CPU");
   const at::Tensor lens = lengths.to(at::kLong).contiguous();
   const at::Tensor tbl = tables.contiguous();
   const int64_t* L = lens.data_ptr<int64_t>();
@@ -104,11 +107,11 @@ void paged_truncate_cpu(at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& 
   const int64_t N = tbl.size(0), MB = tbl.size(1), NB = k_pool.size(0), BS = k_pool.size(1), H = k_pool.size(2);
   const int64_t row_bytes = k_pool.size(3) * k_pool.element_size();
   for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(L[n] >= 0 && L[n] <= MB * BS, "paged_truncate_: lengths[", n, "]=", L[n], " outside [0, ", MB,
+    LT_CHECK(L[n] >= 0 && L[n] <= MB * BS, "paged_truncate_: lengths[", n, "]=", L[n], " outside [0, ", MB,
                 " blocks x ", BS, "]");
     if (L[n] <= sink + window) continue;
     for (int64_t i = 0; i < (L[n] + BS - 1) / BS; ++i) {
-      TORCH_CHECK(T[n * MB + i] >= 0 && T[n * MB + i] < NB, "paged_truncate_: tables[", n, ", ", i, "]=",
+      LT_CHECK(T[n * MB + i] >= 0 && T[n * MB + i] < NB, "paged_truncate_: tables[", n, ", ", i, "]=",
                   T[n * MB + i], " outside [0, num_blocks=", NB, ")");
     }
   }
@@ -140,7 +143,7 @@ TORCH_LIBRARY(ltengine, m) {
   m.def("paged_truncate_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor tables, Tensor lengths, int sink, "
         "int window) -> ()");
   m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor n_valid, float scale, "
-        "int programs, int min_chunk) -> Tensor");
+        "Tensor? k_scale, Tensor? v_scale, int programs, int min_chunk, int stages) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ltengine, CPU, m) {

@@ -3,6 +3,8 @@
 // q [B, H_q, D]; pools [num_blocks, block_size, H_kv, D]; tables [B, MB] int32 (row b's blocks in slot
 // order); n_valid [B] int32 on the device (slots [0, n) attended). A sink + window row is the same to
 // this op: its valid slots are the prefix [0, min(len, sink + window)) (the ring fills from `sink`).
+// fp8 pools (float8_e4m3fn) come with per-row fp32 scales [num_blocks, block_size, H_kv]: a key's scale
+// multiplies its score, a value's scale its probability (ltengine/kernels/paged.py, fp8.py).
 //
 // Balanced split-K (the schedule of ltengine/kernels/paged.py's Triton kernel): every CTA derives, from
 // n_valid alone, one chunk size `per` for the whole batch (total keys over the target chunks per KV
@@ -13,27 +15,35 @@
 // (output, log2-sum-exp); a row with no keys gets zeros.
 //
 // Two attention kernels write the same partials:
-//  * mma: bf16/fp16, D <= 128 (a multiple of 8; padded to 64 or 128 in registers). The CTA (4 warps)
-//    owns (chunk, kv head, 16-query-head tile); the G query heads sharing a kv head are the M rows of
-//    m16n8k16 MMAs with fp32 accumulation, so K/V are read once per kv head whatever G is. Operands are
-//    16-byte vectors loaded straight into registers (the fragment layout of csrc's former contiguous
-//    kernel: the reduction index of Q.K^T and the output columns of P.V are permuted so that each
-//    thread's fragments are 8 consecutive d), with rotating prefetch: the next 16-key block's K is
-//    requested as soon as S = Q K^T consumed this block's K, the next V once P V consumed this V. On the
-//    contiguous cache this reached 99.7% of copy bandwidth on an H100; on the H200 the paged kernel
-//    reaches 78-79% at the budget shapes, below the Triton kernel (bench/RESULTS.md, issue 11).
-//  * simt: fp32 (exact fp32 dots, no TF32) and 16-bit D > 128. 8 lanes per key, 4 keys per warp step,
-//    each lane holding NV 16-byte vectors of the row; up to GT query heads per CTA.
+//  * mma: bf16/fp16 pools (D a multiple of 8) and fp8 pools (D a multiple of 16), D <= 256 padded to 64,
+//    128 or 256. The CTA (4 warps) owns (chunk, kv head, 16-query-head tile); the G query heads sharing
+//    a kv head are the M rows of m16n8k16 MMAs with fp32 accumulation, so K/V are read once per kv
+//    head whatever G is. Each warp streams its own 16 keys per step through an S-stage cp.async ring in
+//    shared memory (16-byte copies straight from the pool's blocks, zero-filled past the row's end), so
+//    S - 1 steps of K and V are in flight while it computes; fragments are read back with 16-byte
+//    (8-byte for fp8) shared loads from swizzled rows, conflict-free. The reduction index of Q.K^T and
+//    the output columns of P.V are permuted so that a thread's operands are 8 consecutive d. fp8 pools
+//    run fp16 MMAs: e4m3 converts to fp16 exactly (cvt.f16x2.e4m3x2), q is pre-scaled by the softmax
+//    scale and rounded to fp16.
+//  * simt: fp32 (exact fp32 dots, no TF32). 8 lanes per key, 4 keys per warp step, each lane holding NV
+//    16-byte vectors of the row; up to GT query heads per CTA; warp-uniform loop bounds.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
+#include <type_traits>
+
+#include "check.h"
 
 namespace ltengine {
 namespace {
@@ -58,7 +68,12 @@ struct PagedParams {
   int64_t q_sb, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, t_sb;  // element strides; last dims contiguous
   int B, H_kv, G, m_tiles, D, bs, bs_shift, MB;                   // bs_shift: log2(bs), or -1
   int tph, min_chunk, n_chunks;                                   // target chunks per kv head; grid x
-  float scale_log2;  // softmax scale * log2(e): scores live in the log2 domain (exp2f)
+  float score_mul;   // multiplies a raw score into the log2 domain (exp2f): scale * log2(e), or log2(e)
+                     // where q was pre-scaled (fp8 pools)
+  float q_mul;       // multiplies q as it is converted to the MMA type (fp8 pools: the softmax scale)
+  const float* k_scale;  // fp8 pools: [NB, BS, H_kv] fp32 per-row scales (strides s_sb, s_st), else null
+  const float* v_scale;
+  int64_t s_sb, s_st;
 };
 
 __device__ __forceinline__ int load_n(const PagedParams& p, int r) {
@@ -66,18 +81,17 @@ __device__ __forceinline__ int load_n(const PagedParams& p, int r) {
   return max(0, min(__ldg(p.n_valid + r), p.MB * p.bs));
 }
 
-// Element offset of slot `t` of a row (table `tbl`) in a pool with block/slot strides sb/st.
-__device__ __forceinline__ int64_t slot_offset(const PagedParams& p, const int32_t* tbl, int t, int64_t sb,
-                                               int64_t st) {
-  int blk, off;
+// Block id and offset of slot `t` of a row whose table is `tbl`.
+__device__ __forceinline__ void slot_of(const PagedParams& p, const int32_t* tbl, int t, int& blk, int& off) {
+  int i;
   if (p.bs_shift >= 0) {
-    blk = t >> p.bs_shift;
+    i = t >> p.bs_shift;
     off = t & (p.bs - 1);
   } else {
-    blk = t / p.bs;
-    off = t - blk * p.bs;
+    i = t / p.bs;
+    off = t - i * p.bs;
   }
-  return static_cast<int64_t>(__ldg(tbl + blk)) * sb + static_cast<int64_t>(off) * st;
+  blk = __ldg(tbl + i);
 }
 
 struct PlanSmem {
@@ -161,7 +175,7 @@ __device__ Plan balanced_plan(const PagedParams& p, int chunk, int row, PlanSmem
 }
 
 // ---------------------------------------------------------------------------------------------------
-// mma kernel (bf16 / fp16)
+// element types
 
 template <typename T>
 struct Mma;
@@ -214,8 +228,11 @@ __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x)
 template <>
 __device__ __forceinline__ float to_f<float>(float x) { return x; }
 
-// 16-byte streaming load: KV is read once per step, so keep it out of L1; on an L2 miss fetch the whole
-// 256-byte segment.
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// 16-byte streaming load (the simt kernel): KV is read once per step, so keep it out of L1.
 __device__ __forceinline__ uint4 ldg_stream(const void* ptr) {
   uint4 r;
   asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -224,9 +241,87 @@ __device__ __forceinline__ uint4 ldg_stream(const void* ptr) {
   return r;
 }
 
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+// cp.async: 16 bytes global -> shared, L2 only; ok == false writes 16 zero bytes and reads nothing. No L2
+// prefetch hint: with .L2::256B the kernel's L2 hit rate was 68% and its L2 throughput, not DRAM, the
+// limit (Nsight Compute, H200: 80% of L2 vs 64% of DRAM).
+__device__ __forceinline__ void cp16(void* dst, const void* src, bool ok) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(ok ? 16 : 0));
 }
+__device__ __forceinline__ void cp4(void* dst, const void* src, bool ok) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(ok ? 4 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// 8 e4m3 bytes -> 8 fp16 (exact).
+__device__ __forceinline__ uint4 fp8x8_to_half(uint2 raw) {
+  uint4 out;
+  uint32_t* o = reinterpret_cast<uint32_t*>(&out);
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const uint32_t src = w < 2 ? raw.x : raw.y;
+    const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>((src >> (16 * (w & 1))) & 0xffffu);
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
+    o[w] = static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// shared-memory tiles: one warp's 16 keys of K and V (and an fp8 pool's scales), rows swizzled so that
+// the fragment reads below are free of bank conflicts
+
+// 16-bit pools: rows of DP elements in 16-byte units (8 elements). K is read as (row 8u + g, unit
+// 4i + c), V as (row 2c + e, unit 8j + g): XOR-ing bit 2 of a K unit with the row's bit 0, and bits 1-2
+// of a V unit with the row's bits 1-2, gives the 8 lanes of each 16-byte load phase distinct banks.
+template <int DP>
+struct Tile16 {
+  static constexpr bool kFp8 = false;
+  static constexpr int kRow = DP * 2;               // bytes per row
+  static constexpr int kUnits = kRow / 16;          // 16-byte units per row
+  static constexpr int kBytes = 2 * 16 * kRow;      // K rows, then V rows
+  static constexpr int kScales = kBytes;            // (unused)
+  static __device__ __forceinline__ int k_at(int r, int u) { return r * kRow + ((u ^ ((r & 1) << 2)) << 4); }
+  static __device__ __forceinline__ int v_at(int r, int u) {
+    return 16 * kRow + r * kRow + ((u ^ (((r >> 1) & 3) << 1)) << 4);
+  }
+  // 8 consecutive elements (d0 a multiple of 8) of K / V row r, as the MMA's type.
+  static __device__ __forceinline__ uint4 k_vec(const unsigned char* t, int r, int d0) {
+    return *reinterpret_cast<const uint4*>(t + k_at(r, d0 >> 3));
+  }
+  static __device__ __forceinline__ uint4 v_vec(const unsigned char* t, int r, int d0) {
+    return *reinterpret_cast<const uint4*>(t + v_at(r, d0 >> 3));
+  }
+};
+
+// fp8 pools: rows of DP bytes in 32-byte granules, read as 8-byte pieces; the granule index is XOR-ed
+// with the row's low bits (K) or bits 1-2 (V), which spreads each 8-byte phase over all 32 banks.
+template <int DP>
+struct Tile8 {
+  static constexpr bool kFp8 = true;
+  static constexpr int kRow = DP;
+  static constexpr int kUnits = kRow / 16;
+  static constexpr int kMask = (DP / 32 >= 4 ? 4 : DP / 32) - 1;
+  static constexpr int kScales = 2 * 16 * kRow;     // then 16 key scales and 16 value scales (fp32)
+  static constexpr int kBytes = kScales + 2 * 16 * 4;
+  static __device__ __forceinline__ int k_byte(int r, int b) { return r * kRow + ((((b >> 5) ^ (r & kMask))) << 5) + (b & 31); }
+  static __device__ __forceinline__ int v_byte(int r, int b) {
+    return 16 * kRow + r * kRow + ((((b >> 5) ^ ((r >> 1) & kMask))) << 5) + (b & 31);
+  }
+  static __device__ __forceinline__ int k_at(int r, int u) { return k_byte(r, u << 4); }
+  static __device__ __forceinline__ int v_at(int r, int u) { return v_byte(r, u << 4); }
+  static __device__ __forceinline__ uint4 k_vec(const unsigned char* t, int r, int d0) {
+    return fp8x8_to_half(*reinterpret_cast<const uint2*>(t + k_byte(r, d0)));
+  }
+  static __device__ __forceinline__ uint4 v_vec(const unsigned char* t, int r, int d0) {
+    return fp8x8_to_half(*reinterpret_cast<const uint2*>(t + v_byte(r, d0)));
+  }
+};
 
 // Write one chunk's partial for query head `head`: o normalised, lse = m + log2(l) (-inf if empty).
 __device__ __forceinline__ void store_partial(const PagedParams& p, int head, int chunk, int d, float o, float m,
@@ -237,31 +332,39 @@ __device__ __forceinline__ void store_partial(const PagedParams& p, int head, in
 }
 
 // One warp's share: Q fragments, the output accumulator and the online-softmax state of query-head rows
-// g and g + 8 (m in the log2 domain; l a per-thread partial sum until finish()). DP: D padded (64/128).
+// g and g + 8 (m in the log2 domain; l a per-thread partial sum until finish()). DP: D padded (64/128/256).
 template <typename T, int DP>
 struct WarpAttn {
-  static constexpr int kChunks = DP / 32;   // 16-byte K vectors per thread per key row (2 k-steps each)
+  static constexpr int kChunks = DP / 32;   // K vectors per thread per key row (2 k-steps each)
   static constexpr int kNTiles = DP / 8;    // n-tiles of P.V
-  static constexpr int kVChunks = DP / 64;  // 16-byte V vectors per thread per key
-  using KFrag = uint4[2][kChunks];          // rows 8u + g, d in [32i + 8c, +8)
-  using VFrag = uint4[4][kVChunks];         // rows 2c + {0, 1, 8, 9}, d in [64j + 8g, +8)
+  static constexpr int kVChunks = DP / 64;  // V vectors per thread per key
 
   uint32_t qa[DP / 16][4];
   float acc[kNTiles][4];
   float m0, m1, l0, l1;
 
+  // Q as A fragments, one per k-step s = 2i + h: thread (g, c) holds d = 32i + 8c + 4h + {0..3}. TQ: q's
+  // storage type; kConvert (fp8 pools): converted to the MMA type times p.q_mul, else read as it is.
+  template <typename TQ, bool kConvert>
   __device__ __forceinline__ void init(const PagedParams& p, int b, int head0, int rows, int g, int c) {
-    // Q as A fragments, one per k-step s = 2i + h: thread (g, c) holds d = 32i + 8c + 4h + {0..3}.
-    const T* qb = static_cast<const T*>(p.q) + b * p.q_sb;
+    const TQ* qb = static_cast<const TQ*>(p.q) + b * p.q_sb;
+    auto load = [&](int row, int d0) -> uint4 {
+      uint4 r = make_uint4(0, 0, 0, 0);
+      if (row >= rows || d0 >= p.D) return r;
+      const TQ* src = qb + (head0 + row) * p.q_sh + d0;
+      if constexpr (!kConvert) {
+        static_assert(std::is_same_v<TQ, T>, "q is read as the MMA type");
+        r = *reinterpret_cast<const uint4*>(src);
+      } else {
+        uint32_t* w = reinterpret_cast<uint32_t*>(&r);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = Mma<T>::pack(to_f(src[2 * e]) * p.q_mul, to_f(src[2 * e + 1]) * p.q_mul);
+      }
+      return r;
+    };
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
-      const uint4 zero = make_uint4(0, 0, 0, 0);
-      const bool dok = 32 * i + 8 * c < p.D;
-      const uint4 r0 =
-          dok && g < rows ? *reinterpret_cast<const uint4*>(qb + (head0 + g) * p.q_sh + 32 * i + 8 * c) : zero;
-      const uint4 r1 = dok && g + 8 < rows
-                           ? *reinterpret_cast<const uint4*>(qb + (head0 + g + 8) * p.q_sh + 32 * i + 8 * c)
-                           : zero;
+      const uint4 r0 = load(g, 32 * i + 8 * c), r1 = load(g + 8, 32 * i + 8 * c);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         qa[2 * i + h][0] = word(r0, 2 * h);
@@ -276,30 +379,39 @@ struct WarpAttn {
     l0 = l1 = 0.f;
   }
 
-  // S = Q K^T for keys base + [0, 8) (u = 0) and base + [8, 16) (u = 1);
-  // thread holds S[row g | g + 8][key 8u + 2c + {0, 1}].
-  __device__ __forceinline__ void scores(const KFrag& kr, float (&s)[2][4]) const {
+  // S = Q K^T for the tile's keys [0, 8) (u = 0) and [8, 16) (u = 1);
+  // thread holds S[row g | g + 8][key 8u + 2c + {0, 1}]. Padding columns of K are zeros.
+  template <typename Tile>
+  __device__ __forceinline__ void scores(const unsigned char* tile, float (&s)[2][4], int g, int c) const {
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      s[u][0] = s[u][1] = s[u][2] = s[u][3] = 0.f;
+    for (int u = 0; u < 2; ++u) s[u][0] = s[u][1] = s[u][2] = s[u][3] = 0.f;
 #pragma unroll
-      for (int i = 0; i < kChunks; ++i) {
+    for (int i = 0; i < kChunks; ++i) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) Mma<T>::run(s[u], qa[2 * i + h], word(kr[u][i], 2 * h), word(kr[u][i], 2 * h + 1));
+      for (int u = 0; u < 2; ++u) {
+        const uint4 kr = Tile::k_vec(tile, 8 * u + g, 32 * i + 8 * c);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) Mma<T>::run(s[u], qa[2 * i + h], word(kr, 2 * h), word(kr, 2 * h + 1));
       }
     }
   }
 
-  // Online softmax over the block's scores, then acc += P V. Keys >= end are masked.
-  __device__ __forceinline__ void update(float (&s)[2][4], const VFrag& vr, int base, int end, int c, float scale_log2) {
+  // Online softmax over the tile's scores, then acc += P V. Keys >= end are masked; fp8 tiles weight a
+  // key's score by its scale and its probability by its value's scale (l sums the unweighted ones).
+  template <typename Tile>
+  __device__ __forceinline__ void update(float (&s)[2][4], const unsigned char* tile, int base, int end, int g,
+                                         int c, float mul) {
+    const float* ks = reinterpret_cast<const float*>(tile + Tile::kScales);
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const bool ok = base + 8 * u + 2 * c + e < end;
-        s[u][e] = ok ? s[u][e] * scale_log2 : -INFINITY;
-        s[u][2 + e] = ok ? s[u][2 + e] * scale_log2 : -INFINITY;
+        const int key = 8 * u + 2 * c + e;
+        const bool ok = base + key < end;
+        const float f = Tile::kFp8 ? mul * ks[key] : mul;
+        s[u][e] = ok ? s[u][e] * f : -INFINITY;
+        s[u][2 + e] = ok ? s[u][2 + e] * f : -INFINITY;
         mx0 = fmaxf(mx0, s[u][e]);
         mx1 = fmaxf(mx1, s[u][2 + e]);
       }
@@ -325,6 +437,18 @@ struct WarpAttn {
     }
     l0 = l0 * corr0 + (ps[0][0] + ps[0][1] + ps[1][0] + ps[1][1]);
     l1 = l1 * corr1 + (ps[0][2] + ps[0][3] + ps[1][2] + ps[1][3]);
+    if constexpr (Tile::kFp8) {
+      const float* vs = ks + 16;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float w = vs[8 * u + 2 * c + e];
+          ps[u][e] *= w;
+          ps[u][2 + e] *= w;
+        }
+      }
+    }
     // The S accumulator layout of the two n-tiles is the A layout of P (FlashAttention-2 register reuse).
     const uint32_t pa[4] = {Mma<T>::pack(ps[0][0], ps[0][1]), Mma<T>::pack(ps[0][2], ps[0][3]),
                             Mma<T>::pack(ps[1][0], ps[1][1]), Mma<T>::pack(ps[1][2], ps[1][3])};
@@ -334,12 +458,22 @@ struct WarpAttn {
       acc[t][1] *= corr0;
       acc[t][2] *= corr1;
       acc[t][3] *= corr1;
-      // n-tile t, column g <-> d = 64 (t / 8) + 8 g + t % 8: element t % 8 of V vector t / 8.
-      const int j = t / 8, w = (t % 8) / 2;
-      const uint32_t sel = (t % 2) ? 0x7632u : 0x5410u;  // high or low halves of the two keys
-      const uint32_t b0 = __byte_perm(word(vr[0][j], w), word(vr[1][j], w), sel);
-      const uint32_t b1 = __byte_perm(word(vr[2][j], w), word(vr[3][j], w), sel);
-      Mma<T>::run(acc[t], pa, b0, b1);
+    }
+#pragma unroll
+    for (int j = 0; j < kVChunks; ++j) {
+      // keys 2c + {0, 1, 8, 9}, d in [64j + 8g, +8)
+      uint4 vr[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) vr[e] = Tile::v_vec(tile, 2 * c + (e & 1) + 8 * (e >> 1), 64 * j + 8 * g);
+#pragma unroll
+      for (int tt = 0; tt < 8; ++tt) {
+        // n-tile t = 8j + tt, column g <-> d = 64j + 8g + tt: element tt of V vector j.
+        const int w = tt / 2;
+        const uint32_t sel = (tt % 2) ? 0x7632u : 0x5410u;  // high or low halves of the two keys
+        const uint32_t b0 = __byte_perm(word(vr[0], w), word(vr[1], w), sel);
+        const uint32_t b1 = __byte_perm(word(vr[2], w), word(vr[3], w), sel);
+        Mma<T>::run(acc[8 * j + tt], pa, b0, b1);
+      }
     }
   }
 
@@ -391,20 +525,26 @@ struct WarpAttn {
 };
 
 template <int DP>
-constexpr int epilogue_floats() {
-  return kWarps * 16 * (DP + 4) + 2 * kWarps * 16;
+constexpr int epilogue_bytes() {
+  return 4 * (kWarps * 16 * (DP + 4) + 2 * kWarps * 16);
 }
 
-// Register loads with rotating prefetch: the next 16-key block's K is requested as soon as S = Q K^T
-// consumed this block's K, the next V once P V consumed this V. (A per-thread cp.async shared-memory
-// ring of 3 stages measured slower on the H200, 54% vs 78% of copy bandwidth: bench/RESULTS.md, issue 11.)
-template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) paged_mma_kernel(const PagedParams p) {
+template <typename Tile, int DP, int S>
+constexpr int mma_smem_bytes() {
+  return std::max(kWarps * S * Tile::kBytes, epilogue_bytes<DP>());
+}
+
+// T: the MMA type; TQ: q's (and the output's) type; Tile: the pool's tile layout; S: pipeline stages.
+template <typename T, typename TQ, typename Tile, int DP, int S>
+__global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : S == 2 ? 3 : 2) paged_mma_kernel(const PagedParams p) {
   using W = WarpAttn<T, DP>;
-  __shared__ __align__(16) float smem[epilogue_floats<DP>()];
+  using KV = std::conditional_t<Tile::kFp8, uint8_t, T>;
+  extern __shared__ __align__(16) unsigned char smem[];
   __shared__ PlanSmem plan_sm;
-  const int chunk = blockIdx.x;
-  const int mt = blockIdx.y % p.m_tiles, kvh = blockIdx.y / p.m_tiles;
+  // x: (kv head, head tile), fastest; y: the chunk. CTAs launched together read the same keys of every
+  // kv head, i.e. whole token rows of the pool (H_kv x D contiguous), not one head's slice of each.
+  const int chunk = blockIdx.y;
+  const int mt = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles;
   const Plan plan = balanced_plan(p, chunk, -1, plan_sm);
   if (chunk >= plan.total) return;  // uniform: past the batch's chunk count
   const int b = plan.row;
@@ -415,65 +555,86 @@ __global__ void __launch_bounds__(kThreads) paged_mma_kernel(const PagedParams p
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, c = lane & 3;  // MMA groupID (row / key / column) and thread-in-group
   W st;
-  st.init(p, b, head0, rows, g, c);
+  st.template init<TQ, Tile::kFp8 && !std::is_same_v<TQ, __half>>(p, b, head0, rows, g, c);
   const int32_t* tbl = p.tables + b * p.t_sb;
-  const T* kb = static_cast<const T*>(p.k) + kvh * p.k_sh;
-  const T* vb = static_cast<const T*>(p.v) + kvh * p.v_sh;
+  const KV* kb = static_cast<const KV*>(p.k) + kvh * p.k_sh;
+  const KV* vb = static_cast<const KV*>(p.v) + kvh * p.v_sh;
+  const int units = p.D * static_cast<int>(sizeof(KV)) / 16;  // 16-byte units of a real row
+  unsigned char* ring = smem + warp * (S * Tile::kBytes);
+  const int n_iter = (end - start + kCtaN - 1) / kCtaN;  // CTA-uniform
 
-  typename W::KFrag kr;
-  typename W::VFrag vr;
-  auto load_k = [&](int base) {
+  // Step `it` of this warp: keys [start + 64 it + 16 warp, +16) into stage it % S.
+  auto issue = [&](int it) {
+    unsigned char* tile = ring + (it % S) * Tile::kBytes;
+    const int base = start + it * kCtaN + warp * kBlockN;
+    constexpr int kPer = 16 * Tile::kUnits / 32;  // units per lane of K (and of V)
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int key = base + 8 * u + g;
-      const bool ok = key < end;
-      const T* ptr = kb + (ok ? slot_offset(p, tbl, key, p.k_sb, p.k_st) : 0) + 8 * c;
-#pragma unroll
-      for (int i = 0; i < W::kChunks; ++i)
-        kr[u][i] = ok && 32 * i + 8 * c < p.D ? ldg_stream(ptr + 32 * i) : make_uint4(0, 0, 0, 0);
+    for (int i = 0; i < kPer; ++i) {
+      const int x = lane + 32 * i;
+      const int r = x / Tile::kUnits, u = x % Tile::kUnits;
+      const bool ok = base + r < end && u < units;
+      int64_t ko = 0, vo = 0;
+      if (ok) {
+        int blk, off;
+        slot_of(p, tbl, base + r, blk, off);
+        ko = static_cast<int64_t>(blk) * p.k_sb + static_cast<int64_t>(off) * p.k_st + u * (16 / sizeof(KV));
+        vo = static_cast<int64_t>(blk) * p.v_sb + static_cast<int64_t>(off) * p.v_st + u * (16 / sizeof(KV));
+      }
+      cp16(tile + Tile::k_at(r, u), kb + ko, ok);
+      cp16(tile + Tile::v_at(r, u), vb + vo, ok);
+    }
+    if constexpr (Tile::kFp8) {  // lanes 0-15: the keys' scales, 16-31: the values'
+      const int r = lane & 15;
+      const bool ok = base + r < end;
+      int64_t so = 0;
+      if (ok) {
+        int blk, off;
+        slot_of(p, tbl, base + r, blk, off);
+        so = static_cast<int64_t>(blk) * p.s_sb + static_cast<int64_t>(off) * p.s_st + kvh;
+      }
+      cp4(tile + Tile::kScales + 4 * lane, (lane < 16 ? p.k_scale : p.v_scale) + so, ok);
     }
   };
-  auto load_v = [&](int base) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = base + 2 * c + (e & 1) + 8 * (e >> 1);
-      const bool ok = key < end;
-      const T* ptr = vb + (ok ? slot_offset(p, tbl, key, p.v_sb, p.v_st) : 0) + 8 * g;
-#pragma unroll
-      for (int j = 0; j < W::kVChunks; ++j)
-        vr[e][j] = ok && 64 * j + 8 * g < p.D ? ldg_stream(ptr + 64 * j) : make_uint4(0, 0, 0, 0);
-    }
-  };
 
-  int base = start + warp * kBlockN;
-  if (base < end) {
-    load_k(base);
-    load_v(base);
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < n_iter) issue(s);
+    cp_commit();
   }
-  for (; base < end; base += kCtaN) {
-    const int next = base + kCtaN;
-    float s[2][4];
-    st.scores(kr, s);
-    if (next < end) load_k(next);  // this block's K is consumed: keep the next one in flight
-    st.update(s, vr, base, end, c, p.scale_log2);
-    if (next < end) load_v(next);
+  for (int it = 0; it < n_iter; ++it) {
+    if (it + S - 1 < n_iter) issue(it + S - 1);
+    cp_commit();  // (an empty group past the end keeps the count of groups in flight fixed)
+    cp_wait<S - 1>();
+    __syncwarp();
+    const int base = start + it * kCtaN + warp * kBlockN;
+    if (base < end) {  // warp-uniform
+      const unsigned char* tile = ring + (it % S) * Tile::kBytes;
+      float s[2][4];
+      st.template scores<Tile>(tile, s, g, c);
+      st.template update<Tile>(s, tile, base, end, g, c, p.score_mul);
+    }
+    __syncwarp();  // the stage is rewritten by the next step's issue
   }
-  st.finish(p, smem, warp, g, c, head0, rows, chunk);
+  cp_wait<0>();
+  __syncthreads();  // the ring becomes the epilogue's buffer
+  st.finish(p, reinterpret_cast<float*>(smem), warp, g, c, head0, rows, chunk);
 }
 
 // ---------------------------------------------------------------------------------------------------
-// simt kernel (fp32; 16-bit D > 128): 8 lanes per key, lane j of a key holds vectors i * 8 + j of the row
-// (VE elements each), 4 keys per warp step; each lane group runs its own online softmax, merged at the end.
+// simt kernel (fp32): 8 lanes per key, lane j of a key holds vectors i * 8 + j of the row (4 elements
+// each), 4 keys per warp step; each lane group runs its own online softmax, merged at the end. The key
+// loop is warp-uniform (a lane group past the end computes with zeros and skips its update), so every
+// shuffle has all 32 lanes.
 
-template <typename T, int NV, int GT>
+template <int NV, int GT>
 __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams p) {
-  constexpr int VE = 16 / sizeof(T);  // elements per 16-byte vector
-  constexpr int E = NV * VE;          // elements per lane
+  constexpr int VE = 4;  // floats per 16-byte vector
+  constexpr int E = NV * VE;
   constexpr int DPAD = E * 8;
   __shared__ float sm_acc[kWarps][GT][DPAD];
   __shared__ float sm_ml[kWarps][GT][2];
   __shared__ PlanSmem plan_sm;
-  const int tile = blockIdx.x % p.m_tiles, chunk = blockIdx.x / p.m_tiles, kvh = blockIdx.y;
+  const int tile = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles, chunk = blockIdx.y;  // heads fastest
   const Plan plan = balanced_plan(p, chunk, -1, plan_sm);
   if (chunk >= plan.total) return;
   const int b = plan.row;
@@ -485,16 +646,17 @@ __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams 
   auto dof = [&](int i) { return (i * 8 + j) * VE; };  // first d of this lane's vector i
 
   float q[GT][E], acc[GT][E], m[GT], l[GT];
-  const T* qb = static_cast<const T*>(p.q) + b * p.q_sb;
+  const float* qb = static_cast<const float*>(p.q) + b * p.q_sb;
 #pragma unroll
   for (int h = 0; h < GT; ++h) {
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
-      uint4 raw = make_uint4(0, 0, 0, 0);
-      if (h < rows && dof(i) < p.D) raw = *reinterpret_cast<const uint4*>(qb + (head0 + h) * p.q_sh + dof(i));
-      const T* el = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int t = 0; t < VE; ++t) q[h][i * VE + t] = to_f(el[t]) * p.scale_log2;
+      float4 raw = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (h < rows && dof(i) < p.D) raw = *reinterpret_cast<const float4*>(qb + (head0 + h) * p.q_sh + dof(i));
+      q[h][i * VE + 0] = raw.x * p.score_mul;
+      q[h][i * VE + 1] = raw.y * p.score_mul;
+      q[h][i * VE + 2] = raw.z * p.score_mul;
+      q[h][i * VE + 3] = raw.w * p.score_mul;
     }
 #pragma unroll
     for (int e = 0; e < E; ++e) acc[h][e] = 0.f;
@@ -502,33 +664,41 @@ __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams 
     l[h] = 0.f;
   }
   const int32_t* tbl = p.tables + b * p.t_sb;
-  const T* kb = static_cast<const T*>(p.k) + kvh * p.k_sh;
-  const T* vb = static_cast<const T*>(p.v) + kvh * p.v_sh;
+  const float* kb = static_cast<const float*>(p.k) + kvh * p.k_sh;
+  const float* vb = static_cast<const float*>(p.v) + kvh * p.v_sh;
   uint4 kr[NV], vr[NV];
-  auto load = [&](int key) {
-    const int64_t ko = slot_offset(p, tbl, key, p.k_sb, p.k_st), vo = slot_offset(p, tbl, key, p.v_sb, p.v_st);
+  auto load = [&](int key) {  // zeros past the end
+    const bool ok = key < end;
+    int64_t ko = 0, vo = 0;
+    if (ok) {
+      int blk, off;
+      slot_of(p, tbl, key, blk, off);
+      ko = static_cast<int64_t>(blk) * p.k_sb + static_cast<int64_t>(off) * p.k_st;
+      vo = static_cast<int64_t>(blk) * p.v_sb + static_cast<int64_t>(off) * p.v_st;
+    }
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
-      const bool ok = dof(i) < p.D;
-      kr[i] = ok ? ldg_stream(kb + ko + dof(i)) : make_uint4(0, 0, 0, 0);
-      vr[i] = ok ? ldg_stream(vb + vo + dof(i)) : make_uint4(0, 0, 0, 0);
+      const bool in = ok && dof(i) < p.D;
+      kr[i] = in ? ldg_stream(kb + ko + dof(i)) : make_uint4(0, 0, 0, 0);
+      vr[i] = in ? ldg_stream(vb + vo + dof(i)) : make_uint4(0, 0, 0, 0);
     }
   };
-  int key = start + warp * 4 + grp;
-  if (key < end) load(key);
-  for (; key < end; key += 4 * kWarps) {
+  int key0 = start + warp * 4;  // this warp's first key; lane group grp takes key0 + grp
+  load(key0 + grp);
+  for (; key0 < end; key0 += 4 * kWarps) {
     float kf[E], vf[E];
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
-      const T* ke = reinterpret_cast<const T*>(&kr[i]);
-      const T* ve = reinterpret_cast<const T*>(&vr[i]);
+      const float* ke = reinterpret_cast<const float*>(&kr[i]);
+      const float* ve = reinterpret_cast<const float*>(&vr[i]);
 #pragma unroll
       for (int t = 0; t < VE; ++t) {
-        kf[i * VE + t] = to_f(ke[t]);
-        vf[i * VE + t] = to_f(ve[t]);
+        kf[i * VE + t] = ke[t];
+        vf[i * VE + t] = ve[t];
       }
     }
-    if (key + 4 * kWarps < end) load(key + 4 * kWarps);  // keep the next key in flight
+    const bool mine = key0 + grp < end;
+    if (key0 + 4 * kWarps < end) load(key0 + 4 * kWarps + grp);  // keep the next key in flight
 #pragma unroll
     for (int h = 0; h < GT; ++h) {
       float s = 0.f;
@@ -537,12 +707,14 @@ __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams 
       s += __shfl_xor_sync(0xffffffffu, s, 1);
       s += __shfl_xor_sync(0xffffffffu, s, 2);
       s += __shfl_xor_sync(0xffffffffu, s, 4);
-      const float mn = fmaxf(m[h], s);  // s is finite: mn is too
-      const float corr = exp2f(m[h] - mn), pe = exp2f(s - mn);
-      l[h] = l[h] * corr + pe;
+      if (mine) {
+        const float mn = fmaxf(m[h], s);  // s is finite: mn is too
+        const float corr = exp2f(m[h] - mn), pe = exp2f(s - mn);
+        l[h] = l[h] * corr + pe;
 #pragma unroll
-      for (int e = 0; e < E; ++e) acc[h][e] = fmaf(acc[h][e], corr, pe * vf[e]);
-      m[h] = mn;
+        for (int e = 0; e < E; ++e) acc[h][e] = fmaf(acc[h][e], corr, pe * vf[e]);
+        m[h] = mn;
+      }
     }
   }
   // Merge the warp's 4 lane groups (lanes j, j + 8, j + 16, j + 24 hold the same d).
@@ -614,8 +786,8 @@ __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const PagedPara
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.H_kv * p.G + head) * p.D;
   for (int d = threadIdx.x; d < p.D; d += kThreads) {
     float wsum = 0.f, o = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < count; ++s) {
+#pragma unroll 16
+    for (int s = 0; s < count; ++s) {  // unrolled: 16 independent loads in flight (one row of 1x8k: 44 chunks)
       wsum += w[s];
       o = fmaf(w[s], part[static_cast<int64_t>(s) * p.D + d], o);
     }
@@ -637,54 +809,81 @@ int multiprocessor_count(int device) {
   return cache[device];
 }
 
-template <typename T, int DP>
-void launch_mma(PagedParams& p, cudaStream_t stream) {
+template <typename T, typename TQ, typename Tile, int DP, int S>
+void launch_mma(PagedParams& p, int device, cudaStream_t stream) {
+  constexpr int smem = mma_smem_bytes<Tile, DP, S>();
+  auto* kernel = &paged_mma_kernel<T, TQ, Tile, DP, S>;
+  static bool raised[64] = {};  // once per device: the opt-in above 48 KB of dynamic shared memory, and
+  if (device >= 0 && device < 64 && !raised[device]) {  // all of L1 as shared memory (CTAs per SM)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        cudaSharedmemCarveoutMaxShared));
+    raised[device] = true;
+    if (std::getenv("LTENGINE_KERNEL_INFO")) {
+      cudaFuncAttributes fa{};
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+      std::fprintf(stderr, "paged_mma_kernel<DP=%d, S=%d, fp8=%d>: %d registers, %d B dynamic + %zu B static smem, "
+                   "%d CTAs per SM\n", DP, S, int(Tile::kFp8), fa.numRegs, smem, fa.sharedSizeBytes, per_sm);
+    }
+  }
   p.m_tiles = (p.G + 15) / 16;
-  const dim3 grid(static_cast<unsigned>(p.n_chunks), static_cast<unsigned>(p.H_kv * p.m_tiles));
-  paged_mma_kernel<T, DP><<<grid, kThreads, 0, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(p.H_kv * p.m_tiles), static_cast<unsigned>(p.n_chunks));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int NV, int GT>
+// Pipeline depth per tile size: 64 KB of ring per CTA for 16-bit rows up to 128 (2 stages, three CTAs per
+// SM: measured faster than 3 stages at two CTAs, or 4 at one, on every shape of bench/kernels.py), 52-100 KB
+// for fp8 (rows half as long), 128 KB for 16-bit 256 (one CTA per SM).
+// `stages` (0: the default, 2) picks another depth (3, 4) for 16-bit D in (64, 128], for tuning.
+template <typename T, typename TQ>
+void dispatch_mma(PagedParams& p, bool fp8, int stages, int device, cudaStream_t stream) {
+  if (fp8) {
+    if (p.D <= 64) launch_mma<__half, TQ, Tile8<64>, 64, 6>(p, device, stream);
+    else if (p.D <= 128) launch_mma<__half, TQ, Tile8<128>, 128, 4>(p, device, stream);
+    else launch_mma<__half, TQ, Tile8<256>, 256, 3>(p, device, stream);
+  } else if constexpr (!std::is_same_v<T, float>) {
+    if (p.D <= 64) launch_mma<T, T, Tile16<64>, 64, 4>(p, device, stream);
+    else if (p.D <= 128 && stages == 3) launch_mma<T, T, Tile16<128>, 128, 3>(p, device, stream);
+    else if (p.D <= 128 && stages == 4) launch_mma<T, T, Tile16<128>, 128, 4>(p, device, stream);
+    else if (p.D <= 128) launch_mma<T, T, Tile16<128>, 128, 2>(p, device, stream);
+    else launch_mma<T, T, Tile16<256>, 256, 2>(p, device, stream);
+  }
+}
+
+template <int NV, int GT>
 void launch_simt(PagedParams& p, cudaStream_t stream) {
   p.m_tiles = (p.G + GT - 1) / GT;
-  const dim3 grid(static_cast<unsigned>(p.n_chunks * p.m_tiles), static_cast<unsigned>(p.H_kv));
-  paged_simt_kernel<T, NV, GT><<<grid, kThreads, 0, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(p.m_tiles * p.H_kv), static_cast<unsigned>(p.n_chunks));
+  paged_simt_kernel<NV, GT><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Heads per CTA: the group padded to 1/2/4, with at most 64 fp32 registers of q (and as many of acc) per
-// thread, and one head for 32-element lanes (two spilled there).
-template <typename T, int NV>
+// thread, and one head for 32-element lanes.
+template <int NV>
 void dispatch_gt(PagedParams& p, cudaStream_t stream) {
-  constexpr int E = NV * (16 / static_cast<int>(sizeof(T)));
+  constexpr int E = NV * 4;
   constexpr int kMaxGT = E >= 32 ? 1 : 64 / E >= 4 ? 4 : 2;
   const int want = p.G >= 4 ? 4 : p.G >= 2 ? 2 : 1;
   const int gt = want < kMaxGT ? want : kMaxGT;
   if (gt == 4) {
-    if constexpr (kMaxGT >= 4) launch_simt<T, NV, 4>(p, stream);
+    if constexpr (kMaxGT >= 4) launch_simt<NV, 4>(p, stream);
   } else if (gt == 2) {
-    if constexpr (kMaxGT >= 2) launch_simt<T, NV, 2>(p, stream);
+    if constexpr (kMaxGT >= 2) launch_simt<NV, 2>(p, stream);
   } else {
-    launch_simt<T, NV, 1>(p, stream);
+    launch_simt<NV, 1>(p, stream);
   }
 }
 
-template <typename T>
 void dispatch_simt(PagedParams& p, cudaStream_t stream) {
-  constexpr int VE = 16 / static_cast<int>(sizeof(T));
-  const int vectors = (p.D + VE - 1) / VE;  // per row
-  if constexpr (sizeof(T) == 2) {  // 16-bit rows come here only for D in (128, 256]: 17-32 vectors
-    dispatch_gt<T, 4>(p, stream);
-  } else if (vectors <= 8) {
-    dispatch_gt<T, 1>(p, stream);
-  } else if (vectors <= 16) {
-    dispatch_gt<T, 2>(p, stream);
-  } else if (vectors <= 32) {
-    dispatch_gt<T, 4>(p, stream);
-  } else {
-    dispatch_gt<T, 8>(p, stream);
-  }
+  const int vectors = (p.D + 3) / 4;  // 16-byte vectors per fp32 row
+  if (vectors <= 8) dispatch_gt<1>(p, stream);
+  else if (vectors <= 16) dispatch_gt<2>(p, stream);
+  else if (vectors <= 32) dispatch_gt<4>(p, stream);
+  else dispatch_gt<8>(p, stream);
 }
 
 template <typename T>
@@ -694,56 +893,80 @@ void launch_combine(PagedParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_pool_strides(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.stride(3) == 1, "paged_decode: ", name, " needs a contiguous last dim, got strides ", t.strides());
+void check_aligned(const at::Tensor& t, const char* name) {
+  LT_CHECK(t.stride(-1) == 1, "paged_decode: ", name, " needs a contiguous last dim, got strides ", t.strides());
   const int64_t es = t.element_size();
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.stride(0) * es) % 16 == 0 &&
-                  (t.stride(1) * es) % 16 == 0 && (t.stride(2) * es) % 16 == 0,
-              "paged_decode: ", name, " needs a 16-byte aligned pointer and strides, got strides ", t.strides());
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (t.stride(d) * es) % 16 == 0;
+  LT_CHECK(ok, "paged_decode: ", name, " needs a 16-byte aligned pointer and strides, got strides ", t.strides());
 }
 
 }  // namespace
 
 at::Tensor paged_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                             const at::Tensor& tables, const at::Tensor& n_valid, double scale, int64_t programs,
-                             int64_t min_chunk) {
-  TORCH_CHECK(q_in.is_cuda(), "paged_decode (CUDA): q must be on a CUDA device, got ", q_in.device());
-  TORCH_CHECK(k_pool.device() == q_in.device() && v_pool.device() == q_in.device() &&
-                  tables.device() == q_in.device() && n_valid.device() == q_in.device(),
-              "paged_decode: q, k_pool, v_pool, tables and n_valid must be on one device; got ", q_in.device(), ", ",
-              k_pool.device(), ", ", v_pool.device(), ", ", tables.device(), ", ", n_valid.device());
-  const auto dt = q_in.scalar_type();
-  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat,
-              "paged_decode (CUDA): dtype must be bfloat16, float16 or float32, got ", dt);
-  TORCH_CHECK(k_pool.scalar_type() == dt && v_pool.scalar_type() == dt,
-              "paged_decode: q, k_pool and v_pool must share one dtype; got ", dt, ", ", k_pool.scalar_type(), ", ",
-              v_pool.scalar_type());
-  TORCH_CHECK(q_in.dim() == 3 && k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(),
-              "paged_decode: need q [B, H_q, D] and k_pool, v_pool [num_blocks, block_size, H_kv, D] of one shape; "
-              "got q ", q_in.sizes(), ", k_pool ", k_pool.sizes(), ", v_pool ", v_pool.sizes());
+                             const at::Tensor& tables, const at::Tensor& n_valid, double scale,
+                             const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+                             int64_t programs, int64_t min_chunk, int64_t stages) {
+  LT_CHECK(q_in.is_cuda(), "paged_decode (CUDA): q must be on a CUDA device, got ", q_in.device());
+  LT_CHECK(k_pool.device() == q_in.device() && v_pool.device() == q_in.device() &&
+               tables.device() == q_in.device() && n_valid.device() == q_in.device(),
+           "paged_decode: q, k_pool, v_pool, tables and n_valid must be on one device; got ", q_in.device(), ", ",
+           k_pool.device(), ", ", v_pool.device(), ", ", tables.device(), ", ", n_valid.device());
+  const auto dt = q_in.scalar_type(), kvt = k_pool.scalar_type();
+  const bool fp8 = kvt == at::kFloat8_e4m3fn;
+  LT_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat,
+           "paged_decode (CUDA): q must be bfloat16, float16 or float32, got ", dt);
+  LT_CHECK(v_pool.scalar_type() == kvt && (fp8 || kvt == dt),
+           "paged_decode: k_pool and v_pool must share q's dtype (or be float8_e4m3fn with scales); got q ", dt,
+           ", k_pool ", kvt, ", v_pool ", v_pool.scalar_type());
+  LT_CHECK(fp8 == (k_scale.has_value() && v_scale.has_value()) && k_scale.has_value() == v_scale.has_value(),
+           "paged_decode: an fp8 pool needs k_scale and v_scale, and only an fp8 pool takes them; got a ", kvt,
+           " pool with k_scale ", k_scale.has_value() ? "set" : "None", " and v_scale ",
+           v_scale.has_value() ? "set" : "None");
+  LT_CHECK(q_in.dim() == 3 && k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(),
+           "paged_decode: need q [B, H_q, D] and k_pool, v_pool [num_blocks, block_size, H_kv, D] of one shape; "
+           "got q ", q_in.sizes(), ", k_pool ", k_pool.sizes(), ", v_pool ", v_pool.sizes());
   const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
   const int64_t NB = k_pool.size(0), BS = k_pool.size(1), Hkv = k_pool.size(2);
-  TORCH_CHECK(k_pool.size(3) == D, "paged_decode: q head dim ", D, " != pool head dim ", k_pool.size(3));
-  TORCH_CHECK(D >= 8 && D <= 256 && D % 8 == 0, "paged_decode (CUDA): head dim must be a multiple of 8 in [8, 256], got ",
-              D);
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "paged_decode: H_q=", Hq, " is not a multiple of H_kv=", Hkv);
-  TORCH_CHECK(BS >= 1 && NB >= 1, "paged_decode: empty pool ", k_pool.sizes());
-  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && tables.scalar_type() == at::kInt && tables.stride(1) == 1,
-              "paged_decode: tables must be int32 [B=", B, ", MB] with a contiguous last dim; got ", tables.scalar_type(),
-              " ", tables.sizes());
-  TORCH_CHECK(n_valid.dim() == 1 && n_valid.size(0) == B && n_valid.scalar_type() == at::kInt &&
-                  n_valid.is_contiguous(),
-              "paged_decode: n_valid must be a contiguous int32 [B=", B, "]; got ", n_valid.scalar_type(), " ",
-              n_valid.sizes());
-  TORCH_CHECK(tables.size(1) >= 1 && tables.size(1) * BS < (int64_t{1} << 31), "paged_decode: table width ",
-              tables.size(1), " x block size ", BS, " out of range");
-  TORCH_CHECK(Hq / Hkv <= 65535 / Hkv && B < (1 << 20), "paged_decode: sizes too large: q ", q_in.sizes());
-  TORCH_CHECK(programs >= 0 && min_chunk >= 0, "paged_decode: programs and min_chunk must be >= 0 (0: default), got ",
-              programs, ", ", min_chunk);
-  check_pool_strides(k_pool, "k_pool");
-  check_pool_strides(v_pool, "v_pool");
-  const at::Tensor q = q_in.stride(2) == 1 && (q_in.stride(1) * q_in.element_size()) % 16 == 0 &&
-                               (q_in.stride(0) * q_in.element_size()) % 16 == 0 &&
+  LT_CHECK(k_pool.size(3) == D, "paged_decode: q head dim ", D, " != pool head dim ", k_pool.size(3));
+  if (fp8) {
+    LT_CHECK(D >= 16 && D <= 256 && D % 16 == 0,
+             "paged_decode (CUDA): an fp8 pool's head dim must be a multiple of 16 in [16, 256], got ", D);
+  } else {
+    LT_CHECK(D >= 8 && D <= 256 && D % 8 == 0, "paged_decode (CUDA): head dim must be a multiple of 8 in [8, 256], got ",
+             D);
+  }
+  LT_CHECK(Hkv > 0 && Hq % Hkv == 0, "paged_decode: H_q=", Hq, " is not a multiple of H_kv=", Hkv);
+  LT_CHECK(BS >= 1 && NB >= 1, "paged_decode: empty pool ", k_pool.sizes());
+  LT_CHECK(tables.dim() == 2 && tables.size(0) == B && tables.scalar_type() == at::kInt && tables.stride(1) == 1,
+           "paged_decode: tables must be int32 [B=", B, ", MB] with a contiguous last dim; got ",
+           tables.scalar_type(), " ", tables.sizes());
+  LT_CHECK(n_valid.dim() == 1 && n_valid.size(0) == B && n_valid.scalar_type() == at::kInt && n_valid.is_contiguous(),
+           "paged_decode: n_valid must be a contiguous int32 [B=", B, "]; got ", n_valid.scalar_type(), " ",
+           n_valid.sizes());
+  LT_CHECK(tables.size(1) >= 1 && tables.size(1) * BS < (int64_t{1} << 31), "paged_decode: table width ",
+           tables.size(1), " x block size ", BS, " out of range");
+  LT_CHECK(Hq / Hkv <= 65535 / Hkv && B < (1 << 20), "paged_decode: sizes too large: q ", q_in.sizes());
+  LT_CHECK(programs >= 0 && min_chunk >= 0, "paged_decode: programs and min_chunk must be >= 0 (0: default), got ",
+           programs, ", ", min_chunk);
+  LT_CHECK(stages >= 0 && stages <= 4 && stages != 1, "paged_decode: stages must be 0 (the default) or 2-4, got ",
+           stages);
+  check_aligned(k_pool, "k_pool");
+  check_aligned(v_pool, "v_pool");
+  if (fp8) {
+    const at::Tensor &ks = *k_scale, &vs = *v_scale;
+    LT_CHECK(ks.scalar_type() == at::kFloat && vs.scalar_type() == at::kFloat && ks.dim() == 3 &&
+                 ks.size(0) == NB && ks.size(1) == BS && ks.size(2) == Hkv && vs.sizes() == ks.sizes() &&
+                 vs.strides() == ks.strides() && ks.stride(2) == 1,
+             "paged_decode: k_scale and v_scale must be float32 [num_blocks=", NB, ", block_size=", BS, ", H_kv=", Hkv,
+             "] with one layout and a contiguous last dim; got ", ks.scalar_type(), " ", ks.sizes(), " strides ",
+             ks.strides(), " and ", vs.scalar_type(), " ", vs.sizes(), " strides ", vs.strides());
+    LT_CHECK(ks.device() == q_in.device() && vs.device() == q_in.device(),
+             "paged_decode: k_scale and v_scale must be on q's device ", q_in.device(), "; got ", ks.device(), ", ",
+             vs.device());
+  }
+  const int64_t qes = q_in.element_size();
+  const at::Tensor q = q_in.stride(2) == 1 && (q_in.stride(1) * qes) % 16 == 0 && (q_in.stride(0) * qes) % 16 == 0 &&
                                reinterpret_cast<uintptr_t>(q_in.data_ptr()) % 16 == 0
                            ? q_in
                            : q_in.contiguous();
@@ -774,12 +997,26 @@ at::Tensor paged_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_pool, c
   p.bs = static_cast<int>(BS);
   p.bs_shift = (BS & (BS - 1)) == 0 ? __builtin_ctzll(static_cast<unsigned long long>(BS)) : -1;
   p.MB = static_cast<int>(tables.size(1));
-  const int64_t progs = programs > 0 ? programs : int64_t{kProgramsPerSM} * multiprocessor_count(q.get_device());
+  const int device = q.get_device();
+  const int64_t progs = programs > 0 ? programs : int64_t{kProgramsPerSM} * multiprocessor_count(device);
   p.tph = static_cast<int>(std::max<int64_t>(1, (progs + Hkv - 1) / Hkv));
   const int64_t mc = min_chunk > 0 ? min_chunk : kMinChunk;
   p.min_chunk = static_cast<int>(std::min<int64_t>((mc + kCtaN - 1) / kCtaN * kCtaN, int64_t{1} << 30));
   p.n_chunks = p.tph + p.B;  // sum over rows of cdiv(n, per) <= total / per + B <= tph + B
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  LT_CHECK(p.n_chunks <= 65535, "paged_decode: ", p.n_chunks, " chunks per kv head (programs=", programs,
+           ", B=", B, ") exceed the grid's 65535");
+  // fp8 pools run fp16 MMAs: an fp16 q is read as it is; a bf16 / fp32 q is converted, pre-scaled by the
+  // softmax scale (|q * scale| must stay under fp16's 65504), and its scores need only log2(e).
+  constexpr double kLog2e = 1.4426950408889634;
+  const bool convert_q = fp8 && dt != at::kHalf;
+  p.score_mul = static_cast<float>(convert_q ? kLog2e : scale * kLog2e);
+  p.q_mul = static_cast<float>(convert_q ? scale : 1.0);
+  if (fp8) {
+    p.k_scale = k_scale->data_ptr<float>();
+    p.v_scale = v_scale->data_ptr<float>();
+    p.s_sb = k_scale->stride(0);
+    p.s_st = k_scale->stride(1);
+  }
 
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor o_part = at::empty({Hq, p.n_chunks, D}, f32);
@@ -788,19 +1025,16 @@ at::Tensor paged_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_pool, c
   p.lse_part = lse_part.data_ptr<float>();
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (dt == at::kFloat) {
-    dispatch_simt<float>(p, stream);
-    launch_combine<float>(p, stream);
-  } else if (dt == at::kBFloat16) {
-    if (D <= 64) launch_mma<__nv_bfloat16, 64>(p, stream);
-    else if (D <= 128) launch_mma<__nv_bfloat16, 128>(p, stream);
-    else dispatch_simt<__nv_bfloat16>(p, stream);
+  if (dt == at::kBFloat16) {
+    dispatch_mma<__nv_bfloat16, __nv_bfloat16>(p, fp8, stages, device, stream);
     launch_combine<__nv_bfloat16>(p, stream);
-  } else {
-    if (D <= 64) launch_mma<__half, 64>(p, stream);
-    else if (D <= 128) launch_mma<__half, 128>(p, stream);
-    else dispatch_simt<__half>(p, stream);
+  } else if (dt == at::kHalf) {
+    dispatch_mma<__half, __half>(p, fp8, stages, device, stream);
     launch_combine<__half>(p, stream);
+  } else {
+    if (fp8) dispatch_mma<float, float>(p, true, stages, device, stream);
+    else dispatch_simt(p, stream);
+    launch_combine<float>(p, stream);
   }
   return out;
 }

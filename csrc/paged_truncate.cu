@@ -13,6 +13,7 @@
 
 #include <numeric>
 
+#include "check.h"
 #include "truncate_kv.h"
 
 namespace ltengine {
@@ -69,9 +70,9 @@ void launch(const PagedTruncParams& p, int64_t N) {
 void paged_truncate_cuda(at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& tables, const at::Tensor& lengths,
                          int64_t sink, int64_t window) {
   check_paged_truncate_args(k_pool, v_pool, tables, lengths, sink, window);
-  TORCH_CHECK(k_pool.is_cuda(), "paged_truncate_ (CUDA): tensors must be on a CUDA device");
-  TORCH_CHECK(tables.size(0) <= 65535, "paged_truncate_ (CUDA): ", tables.size(0), " rows exceed 65535");
-  TORCH_CHECK(window * k_pool.size(2) * k_pool.size(3) * k_pool.element_size() < (int64_t{1} << 31) &&
+  LT_CHECK(k_pool.is_cuda(), "paged_truncate_ (CUDA): tensors must be on a CUDA device");
+  LT_CHECK(tables.size(0) <= 65535, "paged_truncate_ (CUDA): ", tables.size(0), " rows exceed 65535");
+  LT_CHECK(window * k_pool.size(2) * k_pool.size(3) * k_pool.element_size() < (int64_t{1} << 31) &&
                   tables.size(1) * k_pool.size(1) < (int64_t{1} << 31),
               "paged_truncate_ (CUDA): window ", window, " x row ", k_pool.sizes(), " too large");
   if (k_pool.numel() == 0 || tables.size(0) == 0) return;

@@ -12,6 +12,7 @@
 
 #include <numeric>
 
+#include "check.h"
 #include "truncate_kv.h"
 
 namespace ltengine {
@@ -60,8 +61,8 @@ void launch(const TruncParams& p, int64_t B) {
 
 void truncate_kv_cuda(at::Tensor k, at::Tensor v, const at::Tensor& lengths, int64_t sink, int64_t window) {
   check_truncate_args(k, v, lengths, sink, window);
-  TORCH_CHECK(k.is_cuda(), "truncate_kv_ (CUDA): tensors must be on a CUDA device");
-  TORCH_CHECK(k.size(0) <= 65535, "truncate_kv_ (CUDA): batch ", k.size(0), " exceeds 65535");
+  LT_CHECK(k.is_cuda(), "truncate_kv_ (CUDA): tensors must be on a CUDA device");
+  LT_CHECK(k.size(0) <= 65535, "truncate_kv_ (CUDA): batch ", k.size(0), " exceeds 65535");
   if (k.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(k.device());
   const at::Tensor lens = lengths.contiguous();

@@ -159,12 +159,11 @@ def test_rope_store_ref_fp8_writes_quantized_rows():
         assert torch.equal(x8[rows].view(torch.uint8), e8.view(torch.uint8)) and torch.equal(s[rows], es)
 
 
-def test_csrc_paged_decode_refuses_fp8_clearly():
-    q = torch.zeros(1, 2, 8)
-    k8 = torch.zeros(2, 4, 1, 8, dtype=FP8)
-    with pytest.raises(NotImplementedError, match="fp8 pools decode through the Triton kernel"):
-        kcuda.paged_decode(q, k8, k8, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0,
-                           torch.ones(2, 4, 1), torch.ones(2, 4, 1))
+def test_backend_puts_the_csrc_fp8_decode_where_it_reads_the_pool():
+    """fp8 pools with D % 16 == 0 go to the CUDA kernel when it is built; others to Triton / the twin."""
+    assert kcuda.paged_supports(FP8, 128) and kcuda.paged_supports(FP8, 64)
+    assert not kcuda.paged_supports(FP8, 72) and not kcuda.paged_supports(FP8, 8)
+    assert kcuda.paged_supports(torch.bfloat16, 72) and not kcuda.paged_supports(torch.bfloat16, 36)
 
 
 def test_eval_harness_builds_fp8_caches_like_the_engine():

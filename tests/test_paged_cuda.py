@@ -167,6 +167,9 @@ def test_paged_decode_cuda_matches_reference(dtype, d, group, bs, lengths):
     dict(group=3, d=40, bs=5, dtype=torch.float32),        # odd group and block size, fp32
     dict(group=4, d=128, bs=64, dtype=torch.bfloat16, programs=4096, min_chunk=16),  # 64 chunks a row
     dict(group=4, d=128, bs=64, dtype=torch.bfloat16, programs=8, min_chunk=1000),   # one chunk a row
+    dict(group=4, d=128, bs=16, dtype=torch.bfloat16, stages=2),  # the other ring depths
+    dict(group=8, d=120, bs=64, dtype=torch.float16, stages=4),
+    dict(group=2, d=128, bs=64, dtype=torch.bfloat16, stages=3),
 ])
 def test_paged_decode_cuda_odd_shapes_and_knobs(case):
     case = dict(case)
@@ -203,6 +206,35 @@ def test_paged_decode_cuda_graph_replay_with_new_lengths(dtype):
 
 
 @gpu_test
+def test_paged_decode_cuda_fp8_graph_replay_with_new_lengths():
+    """fp8 pools with scales: one capture, lengths changed on the device between replays; each replay
+    against the fp32 twin over the same fp8 pools (tolerance: the twin's own error in bf16 q, x2, + 1e-3)."""
+    from ltengine.kernels.fp8 import quantize
+
+    caps = [2100, 700, 64, 1, 3000]
+    k, v, tables = _pool(("graph8",), caps, 64, 8, 128, torch.float32, "cuda")
+    (k8, ks), (v8, vs) = quantize(_clean(k)), quantize(_clean(v))
+    q = torch.randn(len(caps), 32, 128, device="cuda").to(torch.bfloat16)
+    n = torch.tensor(caps, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    kcuda.paged_decode(q, k8, v8, tables, n, 0.1, ks, vs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(kcuda.paged_decode(q, k8, v8, tables, n, 0.1, ks, vs))
+    for lens in ([2100, 5, 1, 0, 640], [0, 0, 0, 0, 1], [2099, 0, 17, 1, 2999]):
+        n.copy_(torch.tensor(lens, dtype=torch.int32))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = paged_decode_ref(q.float(), k8, v8, tables, n, 0.1, ks, vs).double()
+        ref_lp = paged_decode_ref(q, k8, v8, tables, n, 0.1, ks, vs).double()
+        err, own = (out.double() - ref).abs().max().item(), (ref_lp - ref).abs().max().item()
+        assert torch.isfinite(out).all() and (out[n == 0] == 0).all(), lens
+        assert err <= 2 * own + 1e-3, f"replay {lens}: max err {err:.3e} > 2 x {own:.3e} + 1e-3"
+
+
+@gpu_test
 def test_truncate_then_decode_is_streaming_attention():
     """Demote rows with the CUDA truncate, then decode their sink + window prefix: the same as the
     reference truncate + reference decode (rows of only sink tokens, partial and wrapped rings)."""
@@ -231,6 +263,20 @@ def test_paged_truncate_cuda_matches_reference(sink, window, bs, dtype, d):
 
 
 @gpu_test
+def test_cuda_backend_runs_the_extension_where_it_measured_faster():
+    """paged_truncate_ runs the CUDA kernel; paged_decode runs it for fp8 and fp32 pools, Triton (when
+    installed) for bf16/fp16 pools, where the Triton kernel measured faster (bench/RESULTS.md, issue 11)."""
+    from ltengine.kernels.paged import triton
+
+    be = get_backend("cuda")
+    assert be.impl_for("paged_truncate_", torch.bfloat16, 128) == "cuda"
+    assert be.impl_for("paged_decode", torch.float8_e4m3fn, 128) == "cuda"
+    assert be.impl_for("paged_decode", torch.float32, 64) == "cuda"
+    assert be.impl_for("paged_decode", torch.bfloat16, 128) == ("triton" if triton is not None else "cuda")
+    assert be.impl_for("paged_decode", torch.float8_e4m3fn, 72) == ("triton" if triton is not None else "reference")
+
+
+@gpu_test
 def test_cuda_failed_checks_raise():
     """A TORCH_CHECK that fails inside the extension is a Python RuntimeError, not a crash."""
     code = (
@@ -255,8 +301,14 @@ def test_cuda_failed_checks_raise():
         kcuda.paged_decode(q, torch.zeros(4, 16, 3, 64, device="cuda", dtype=torch.bfloat16),
                            torch.zeros(4, 16, 3, 64, device="cuda", dtype=torch.bfloat16), t, n, 1.0)
     with pytest.raises(RuntimeError, match="tables must be int32"):
-        torch.ops.ltengine.paged_decode(q, k, k, t.long(), n, 1.0, 0, 0)
-    with pytest.raises(RuntimeError, match="must share one dtype"):
+        torch.ops.ltengine.paged_decode(q, k, k, t.long(), n, 1.0, None, None, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="must share q's dtype"):
         kcuda.paged_decode(q, k.half(), k.half(), t, n, 1.0)
+    k8 = k.to(torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="an fp8 pool needs k_scale and v_scale"):
+        kcuda.paged_decode(q, k8, k8, t, n, 1.0)
+    with pytest.raises(RuntimeError, match="k_scale and v_scale must be float32"):
+        kcuda.paged_decode(q, k8, k8, t, n, 1.0, torch.ones(4, 16, 3, device="cuda"), torch.ones(4, 16, 3, device="cuda"))
+
     with pytest.raises(RuntimeError, match="window >= 1"):
         kcuda.paged_truncate_(k, k.clone(), t, n, 4, 0)

@@ -91,8 +91,10 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
     if device.type == "cuda":
         if _cuda.has_cuda_ext():
             out["truncate_kv_"].append(_Impl("cuda", _cuda.truncate_kv_))
-            # cuda.paged_decode / cuda.paged_truncate_ stay off the default path until their GPU tests
-            # pass: the H200 run of tests/test_paged_cuda.py hung in the decode tests (bench/RESULTS.md, issue 11)
+            out["paged_truncate_"].append(_Impl("cuda", _cuda.paged_truncate_))
+            # before Triton where it measured faster (fp8, fp32 pools); for every pool it reads without Triton
+            out["paged_decode"].append(_Impl("cuda", _cuda.paged_decode,
+                                             _cuda.paged_first if paged.triton is not None else _cuda.paged_supports))
         score = _lazy_score()
         if score.available():
             out["score_ratio"].append(_Impl("triton", score.lazy_ratio_triton, score.supports))
@@ -184,13 +186,15 @@ class Backend:
 
     def describe(self) -> dict[str, str]:
         """op -> implementations in order, with the dtypes/head dims each covers, e.g.
-        ``'cuda (fp32, D % 8 == 0, D <= 256) > triton > reference'``."""
+        ``'cuda (fp8: D % 16 == 0, fp32: D % 8 == 0; D <= 256) > triton > reference'``."""
         out = {}
         for op, disp in self._ops.items():
             parts = []
             for impl in disp.impls:
-                if impl.supports is _cuda.paged_supports:
-                    parts.append(f"{impl.name} (fp32, D % 8 == 0, D <= 256)")
+                if impl.supports is _cuda.paged_first:
+                    parts.append(f"{impl.name} (fp8: D % 16 == 0, fp32: D % 8 == 0; D <= 256)")
+                elif impl.supports is _cuda.paged_supports:
+                    parts.append(f"{impl.name} (bf16/fp16/fp32: D % 8 == 0, fp8: D % 16 == 0; D <= 256)")
                 else:
                     parts.append(impl.name)
             out[op] = " > ".join(parts)

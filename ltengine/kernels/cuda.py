@@ -6,8 +6,9 @@ Reference twins: ``reference.py`` (truncate_kv_), ``paged.py`` (paged_decode_ref
 
 - ``truncate_kv_``: contiguous caches, CPU and CUDA, any dtype; lengths read on the device (no host sync).
 - ``paged_truncate_``: CPU and CUDA, any dtype; one launch for N rows.
-- ``paged_decode``: CUDA, bf16/fp16 (tensor-core kernel up to D 128) and fp32 (exact fp32 dots); head
-  dims a multiple of 8 up to 256; the balanced split-K schedule, CUDA-graph capturable.
+- ``paged_decode``: CUDA; bf16/fp16 pools (tensor cores, a cp.async ring per warp) and fp8 e4m3 pools with
+  per-row scales (fp16 tensor cores after an exact e4m3 -> fp16 conversion), head dims a multiple of 8
+  (fp8: 16) up to 256; fp32 pools by exact fp32 dots. The balanced split-K schedule, CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -33,10 +34,22 @@ def has_cuda_ext() -> bool:
 
 
 def paged_supports(dtype: torch.dtype, head_dim: int) -> bool:
-    """Where the backend runs the CUDA paged decode first: fp32 (exact fp32 dots; 66% of copy bandwidth
-    against Triton's 20% at 8x8k on the H200). bf16/fp16 go to Triton, which measured faster on every
-    shape (bench/RESULTS.md, issue 11); the op itself computes them too (D % 8 == 0, D <= 256)."""
-    return dtype == torch.float32 and 8 <= head_dim <= 256 and head_dim % 8 == 0
+    """Pools the CUDA paged decode reads (``dtype`` is the pool's): bf16/fp16/fp32 with D a multiple of 8,
+    and fp8 e4m3 (with scales) with D a multiple of 16; D up to 256."""
+    if dtype == torch.float8_e4m3fn:
+        return 16 <= head_dim <= 256 and head_dim % 16 == 0
+    return dtype in PAGED_DTYPES and 8 <= head_dim <= 256 and head_dim % 8 == 0
+
+
+# Pools where the CUDA kernel runs before Triton: measured faster there on the H200 (bench/RESULTS.md,
+# issue 11: fp8 1.3x on the budget shapes, fp32 3.4x); on bf16/fp16 pools Triton measured faster on every
+# shape (the CUDA kernel's cp.async traffic is L2-bound), so it runs there only where Triton is missing.
+FIRST_DTYPES = (torch.float8_e4m3fn, torch.float32)
+
+
+def paged_first(dtype: torch.dtype, head_dim: int) -> bool:
+    """The backend puts the CUDA paged decode before Triton for this pool (see ``FIRST_DTYPES``)."""
+    return dtype in FIRST_DTYPES and paged_supports(dtype, head_dim)
 
 
 def _index(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -63,19 +76,17 @@ def paged_truncate_(k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Te
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                  n_valid: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
-                 v_scale: torch.Tensor | None = None, *, programs: int = 0, min_chunk: int = 0) -> torch.Tensor:
+                 v_scale: torch.Tensor | None = None, *, programs: int = 0, min_chunk: int = 0,
+                 stages: int = 0) -> torch.Tensor:
     """Decode attention of q ``[B, H_q, D]`` over slots ``[0, n_valid[b])`` of row b's blocks ``tables[b]``
     in pools ``[num_blocks, block_size, H_kv, D]`` -> ``[B, H_q, D]`` (a row with no keys gets zeros).
+    An fp8 pool passes its per-row scales ``k_scale``/``v_scale`` ``[num_blocks, block_size, H_kv]``.
 
     ``programs`` (target chunks over all kv heads; 0: 16 per SM) and ``min_chunk`` (fewest keys per
-    chunk; 0: 128) tune the balanced schedule. Same contract as ``paged.paged_decode_ref``, except fp8:
-    the csrc kernel reads bf16/fp16/fp32 pools only (fp8 pools decode through Triton or the reference)."""
-    if k_scale is not None or v_scale is not None or k_pool.dtype not in PAGED_DTYPES:
-        raise NotImplementedError(f"the csrc paged_decode reads {[str(d) for d in PAGED_DTYPES]} pools without "
-                                  f"scales, got a {k_pool.dtype} pool; fp8 pools decode through the Triton kernel "
-                                  "(paged.paged_decode_triton) or the reference (paged.paged_decode_ref)")
+    chunk; 0: 128) tune the balanced schedule; ``stages`` (0: the default, 2; or 3, 4 for 16-bit D in (64, 128])
+    the depth of each warp's cp.async ring. Same contract as ``paged.paged_decode_ref``."""
     return torch.ops.ltengine.paged_decode(q, k_pool, v_pool, _index(tables, q.device), _index(n_valid, q.device),
-                                           float(scale), int(programs), int(min_chunk))
+                                           float(scale), k_scale, v_scale, int(programs), int(min_chunk), int(stages))
 
 
 if _C is not None:
@@ -90,7 +101,7 @@ if _C is not None:
             return None
 
         @torch.library.register_fake("ltengine::paged_decode")
-        def _paged_decode_fake(q, k_pool, v_pool, tables, n_valid, scale, programs, min_chunk):
+        def _paged_decode_fake(q, k_pool, v_pool, tables, n_valid, scale, k_scale, v_scale, programs, min_chunk, stages):
             return torch.empty_like(q, memory_format=torch.contiguous_format)
     except (AttributeError, RuntimeError):  # older torch, or registered twice on reload
         pass
