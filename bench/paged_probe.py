@@ -124,10 +124,10 @@ def schedule_sweep(bw):
     """The balanced schedule's knobs (target programs per SM) for both implementations at the engine's
     decode shapes in CUDA graphs, including "mixed" layers where every other row is sink + window (1024
     keys), as in a 50% lazy batch; each shape twice (block placement is random)."""
-    be = get_backend("cuda")
+    from ltengine.kernels import cuda as kcuda
+
     impls = {"triton": paged_decode_triton}
-    if be.impl_for("paged_decode", torch.bfloat16, 128) == "cuda":
-        from ltengine.kernels import cuda as kcuda
+    if kcuda.has_cuda_ext():
         impls["cuda"] = kcuda.paged_decode
     shapes = [("full 9 in bucket 16, T=33k", 9, 33024, 16, None, None),
               ("mixed 19 in bucket 24, T=33k / 1024", 19, 33024, 24, None, 1024),
