@@ -119,6 +119,8 @@ def _ruler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes that generate the samples (tokenizing)")
     p.add_argument("--model", default=None, help="local path, .gguf or hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--kv-dtype", default=None, choices=["auto", "fp8", "bfloat16", "float16", "float32"],
+                   help="what the decode caches store (fp8: float8_e4m3fn + per-token scales; default: the weights' dtype)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
