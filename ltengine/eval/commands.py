@@ -156,11 +156,14 @@ def ruler(engine, out_dir, tasks: list[str], lengths: list[int], n: int, configs
     too_long = [s for s in samples if len(s.ids) + s.max_new_tokens > engine.max_model_len]
     if too_long:
         raise ValueError(f"length {too_long[0].length} exceeds the model's context of {engine.max_model_len} tokens")
-    harness = [c for c in configs if c.kind != "session"]
+    harness = [c for c in configs if c.kind not in ("session", "engine")]
     sessions = [c for c in configs if c.kind == "session"]
+    own_prefill = [c for c in configs if c.kind == "engine"]
     records, skipped = [], {}
     if harness:
         records += rl.run_harness(engine, samples, harness, chunk)
+    if own_prefill:
+        records += rl.run_engine(engine, samples, own_prefill, chunk)
     why = rl.sessions_missing(engine) if sessions else None
     if why:
         skipped = {c.key: why for c in sessions}

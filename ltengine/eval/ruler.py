@@ -93,6 +93,23 @@ def run_harness(engine, samples: list[RulerSample], configs: list[RulerConfig], 
     return records
 
 
+def run_engine(engine, samples: list[RulerSample], configs: list[RulerConfig], chunk: int = 4,
+               desc: str = "engine") -> list[dict]:
+    """Records for configs whose prefill is their own (kind "engine": streaming prefill): per config, the
+    samples in chunks through ``engine.generate`` (greedy, each its own ``max_new_tokens``)."""
+    records = []
+    for cfg in configs:
+        lazy = cfg.lazy()
+        for c0 in tqdm(range(0, len(samples), chunk), desc=f"{desc} {cfg.key}", unit="chunk"):
+            group = samples[c0:c0 + chunk]
+            t0 = time.perf_counter()
+            outs = engine.generate([s.ids for s in group], max_new_tokens=[s.max_new_tokens for s in group], lazy=lazy)
+            wall = round(time.perf_counter() - t0, 3)
+            for s, out in zip(group, outs):
+                records.append(_record(s, cfg, out.text, out.lazy_layers or [], dict(chunk_s=wall)))
+    return records
+
+
 def sessions_missing(engine) -> str | None:
     """Why session configs cannot run on this engine, or None."""
     if not callable(getattr(type(engine), "document", None)):

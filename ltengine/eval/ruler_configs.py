@@ -7,6 +7,9 @@
 - ``random{pct}``: random layers at ``pct``% (a new draw per prompt).
 - ``streaming``: every layer sink + window, the window chosen per prompt length so the KV after prefill
   equals the 50%-lazy configs' (``run.equal_bytes_window``; ``streaming{pct}`` for another fraction).
+- ``{score}{pct}[-p{probe}]-sp``: the same lighttransfer config with streaming prefill
+  (``LazyConfig(streaming_prefill=True)``: a layer the queue pops at once also prefills over sink +
+  window), run through ``Engine.generate`` (its prefill differs from the shared one), e.g. ``peak50-sp``.
 - ``session-full``, ``session-context``, ``session-question``: ``Engine.document(prompt up to the
   question, lazy=..., mode=..., template=False)`` then ``.ask(the question's tokens)``, on the very prompt
   the harness configs see; 50% lazy with the peak score (``session-full``: fraction 0, which must
@@ -26,14 +29,15 @@ DEFAULT_CONFIGS = ("full", "ratio25", "ratio50", "peak25", "peak50", "random50",
                    "session-context", "session-question")
 SESSION_MODES = {"session-full": "context", "session-context": "context", "session-question": "question"}
 _RULES = "|".join(sorted([*RULES, "random", "streaming"], key=len, reverse=True))
-_LAZY = re.compile(rf"^(?P<rule>{_RULES})(?P<pct>\d{{1,3}})(?:-p(?P<probe>\d+))?$")
+_LAZY = re.compile(rf"^(?P<rule>{_RULES})(?P<pct>\d{{1,3}})(?:-p(?P<probe>\d+))?(?P<sp>-sp)?$")
 PROBES = {"ratio": 64, "peak": 16}  # each rule's measured default probe (bench/RESULTS.md, issue #5)
 
 
 @dataclass(frozen=True)
 class RulerConfig:
     """One column of the RULER table. ``kind``: "harness" (decoded from the shared prefill), "streaming"
-    (harness, window set per length) or "session" (through ``Engine.document``)."""
+    (harness, window set per length), "engine" (``Engine.generate``: streaming prefill) or "session"
+    (through ``Engine.document``)."""
 
     key: str
     kind: str
@@ -57,9 +61,10 @@ class RulerConfig:
         return EvalConfig(self.policy, self.fraction, self.window, self.sink, self.probe, self.score)
 
     def lazy(self) -> LazyConfig:
-        """The session's LazyConfig."""
+        """The session's (or, kind "engine", the streaming-prefill request's) LazyConfig."""
         return LazyConfig(fraction=self.fraction, sink=self.sink, window=self.window, probe=self.probe,
-                          score=self.score if self.score in ("ratio", "peak") else "ratio")
+                          score=self.score if self.score in ("ratio", "peak") else "ratio",
+                          streaming_prefill=self.kind == "engine")
 
 
 def parse_config(key: str, sink: int = 4, window: int = 256) -> RulerConfig:
@@ -76,6 +81,11 @@ def parse_config(key: str, sink: int = 4, window: int = 256) -> RulerConfig:
         if not 0 < pct <= 100:
             raise ValueError(f"config {key!r}: the lazy percentage must be in 1..100, got {pct}")
         probe = int(m["probe"]) if m["probe"] else PROBES.get(rule, 64)
+        if m["sp"]:
+            if rule not in ("ratio", "peak"):
+                raise ValueError(f"config {key!r}: streaming prefill (-sp) runs the engine's own scores, ratio or "
+                                 f"peak, got {rule!r}")
+            return RulerConfig(key, "engine", "lighttransfer", pct / 100, rule, probe, sink, window)
         if rule == "streaming":
             return RulerConfig(key, "streaming", "streaming", pct / 100, "ratio", probe, sink, window)
         if rule == "random":
@@ -85,4 +95,5 @@ def parse_config(key: str, sink: int = 4, window: int = 256) -> RulerConfig:
     if key == "streaming":
         return RulerConfig(key, "streaming", "streaming", 0.5, "ratio", 64, sink, window)
     raise ValueError(f"unknown RULER config {key!r}; use full, {{{'|'.join(sorted(RULES))}}}<pct>[-p<probe>] "
-                     f"(e.g. ratio50, peak25-p16), random<pct>, streaming[<pct>], or {', '.join(SESSION_MODES)}")
+                     f"(e.g. ratio50, peak25-p16; -sp for streaming prefill: peak50-sp), random<pct>, streaming[<pct>], "
+                     f"or {', '.join(SESSION_MODES)}")
