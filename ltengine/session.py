@@ -38,6 +38,7 @@ from .runners.base import PrefillRequest
 from .runners.cascade import SharedPrefixDecode
 from .runners.prefix import fork, fork_blocks, prefill_on_prefix
 from .sequence import GenerationOutput, RequestOutput, Sequence, SequenceStatus
+from .session_batch import prefill_documents, step_sessions
 from .stepper import _sample, append_token
 
 MODES = ("context", "question")
@@ -56,7 +57,7 @@ class DocumentSession:
     question's ``stats.prefill_s`` is its own prefill on top of the document.
     """
 
-    def __init__(self, engine, document, lazy: LazyConfig, mode: str | None, template: bool):
+    def __init__(self, engine, document, lazy: LazyConfig, mode: str | None, template: bool, prefill: bool = True):
         mode = DEFAULT_MODE if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} (or None for {DEFAULT_MODE!r}), got {mode!r}")
@@ -74,11 +75,10 @@ class DocumentSession:
         self._prefix_text, ids = self._document_ids(document)
         self.doc_tokens = len(ids)
         engine.prompts.check_length(len(ids), 1, "document")
-        self._prefill(ids)
-        # decode chosen once: on CUDA the paged runner's (Triton, CUDA graphs); elsewhere cascade
-        # attention that reads the shared document once per step for the whole batch
-        cuda = engine.adapter.device.type == "cuda"
-        self._decode = self.runner.decode if cuda else SharedPrefixDecode(self.runner, self.doc, self.doc_tokens)
+        self.doc = None
+        self.request = self._plan(ids)
+        if prefill:
+            prefill_documents([self])
 
     # ------------------------------------------------------------------ the document
     def _document_ids(self, document) -> tuple[str | None, list[int]]:
@@ -109,7 +109,8 @@ class DocumentSession:
         return self.engine.prompts.tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                                  tokenize=False, add_generation_prompt=True)
 
-    def _prefill(self, ids: list[int]) -> None:
+    def _plan(self, ids: list[int]) -> PrefillRequest:
+        """The document's prefill request; ``self.need``: the KV bytes it will hold."""
         e, lazy, r = self.engine, self.lazy, self.runner
         n_layers = e.num_layers
         if lazy.enabled and needs_scores(lazy) and not e.config.score_layers:
@@ -123,20 +124,20 @@ class DocumentSession:
             n_full = n_layers
             policy, scorer = make_policy(FULL, n_layers, n_layers), None
             self.n_full = plan_full_layers(lazy, n_layers, None, len(ids), 0, lambda n: 0)
-        need = r.footprint(len(ids), n_full, lazy.sink, lazy.window)
-        if r.free is not None and need > r.free:
-            raise ValueError(f"the document ({len(ids)} tokens, {n_full} full layers) needs {need} KV bytes, "
-                             f"{r.free} are free in the pool (kv_budget {e.kv_budget})")
-        dev = e.adapter.device
-        req = PrefillRequest(torch.tensor(ids, dtype=torch.long, device=dev), policy, lazy.sink, lazy.window,
-                             lazy.probe, scorer, 0)
-        t0 = e._timed()
-        task = r.start_prefill([req])
-        task.advance()
-        res = task.results()[0]  # a failure releases what the prefill stored and re-raises
-        self.prefill_s = e._timed() - t0
-        self.doc, self.doc_ids = res.handle, ids
+        self.need = r.footprint(len(ids), n_full, lazy.sink, lazy.window)
+        self.doc_ids = ids
+        return PrefillRequest(torch.tensor(ids, dtype=torch.long, device=e.adapter.device), policy, lazy.sink,
+                              lazy.window, lazy.probe, scorer, 0)
+
+    def _prefilled(self, res, seconds: float) -> None:
+        """Take in the document's prefill result (``PrefillResult``); choose the decode once: on CUDA
+        the paged runner's (Triton, CUDA graphs), elsewhere cascade attention that reads the shared
+        document once per step for all its questions."""
+        self.prefill_s, self.request = seconds, None
+        self.doc = res.handle
         self.layer_scores, self.lazy_layers, self.kv_bytes = res.scores, res.lazy_layers, res.kv_bytes
+        cuda = self.engine.adapter.device.type == "cuda"
+        self._cascade = None if cuda else SharedPrefixDecode(self.runner, self.doc, self.doc_tokens)
 
     # ------------------------------------------------------------------ questions
     def _question_ids(self, question) -> list[int]:
@@ -226,23 +227,7 @@ class DocumentSession:
     def step(self) -> list[RequestOutput]:
         """One decode step of every question in flight, as one batch; what each gained (finished
         ones carry their ``GenerationOutput``), first tokens of questions added since included."""
-        outs, self._outbox = self._outbox, []
-        live = list(self._live.values())
-        if live:
-            t0 = time.perf_counter()
-            dev = self.engine.adapter.device
-            toks = torch.tensor([s.tokens[-1] for s in live], device=dev)
-            pos = torch.tensor([s.length - 1 for s in live], device=dev)
-            nxt = _sample(self._decode([s.handle for s in live], toks, pos), live).tolist()
-            self.engine.totals["decode_s"] += time.perf_counter() - t0
-            by_id = {o.request_id: o for o in outs}
-            for seq, tok in zip(live, nxt):
-                out = by_id.get(seq.request_id)
-                if out is None:
-                    out = by_id[seq.request_id] = RequestOutput(seq.request_id, [])
-                    outs.append(out)
-                self._accept(seq, tok, out)
-        return outs
+        return step_sessions([self])
 
     def _accept(self, seq: Sequence, token: int, out: RequestOutput) -> None:
         e = self.engine
@@ -261,12 +246,19 @@ class DocumentSession:
 
     def abort(self, request_id: str) -> bool:
         """Stop a question now and give its own KV back; False if unknown or finished."""
+        return self.stop(request_id) is not None
+
+    def stop(self, request_id: str) -> GenerationOutput | None:
+        """Like ``abort``, but return what the question generated so far (``finish_reason="abort"``);
+        None if unknown or finished. For a caller that has what it needs (the RULER harness stops a
+        question once every answer is in its text)."""
         seq = self._live.get(request_id)
         if seq is None:
-            return False
+            return None
         seq.finish_reason, seq.text = "abort", self.engine.prompts.decode(seq.tokens)
+        seq.stats.decode_s = time.perf_counter() - seq.decode_start
         self._finish(seq)
-        return True
+        return seq.output(self.engine.num_layers)
 
     def has_unfinished(self) -> bool:
         return bool(self._live or self._outbox)
@@ -304,7 +296,8 @@ class DocumentSession:
         the questions still decoding (drive them with ``step``) finish or are aborted."""
         if not self.closed:
             self.closed = True
-            self.runner.release(self.doc)
+            if self.doc is not None:
+                self.runner.release(self.doc)
 
     def __enter__(self) -> "DocumentSession":
         return self
