@@ -362,7 +362,7 @@ class Engine:
 
         if self.tp is not None:
             raise ValueError("document sessions do not run on a tensor-parallel engine yet (tensor_parallel=1 has them)")
-        return DocumentBatch(self, documents, self._lazy_for(lazy), mode, template)
+        return DocumentBatch.open(self, documents, self._lazy_for(lazy), mode, template)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.prompts.chat(messages)

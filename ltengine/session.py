@@ -52,9 +52,11 @@ class DocumentSession:
     step-level ``add`` / ``step`` / ``abort`` drive questions one decode step at a time. ``close()``
     (or leaving a ``with`` block) gives the document's memory back: at once for what no question
     reads, and a shared block once the last question reading it finishes. Attributes:
-    ``doc_tokens``, ``mode``, ``lazy`` (the session's LazyConfig), ``lazy_layers`` and
-    ``layer_scores`` (the document's, in context mode), ``prefill_s``, ``kv_bytes`` (the document's); a
-    question's ``stats.prefill_s`` is its own prefill on top of the document.
+    ``doc_tokens``, ``mode``, ``lazy`` (the session's LazyConfig), ``lazy_layers`` (the document's, in
+    context mode), ``layer_scores`` (every layer's score on the document's own tail, both modes),
+    ``prefill_s``, ``kv_bytes`` (the document's); a question's ``stats.prefill_s`` is its own prefill on
+    top of the document. ``context_view()`` turns a question-mode session into a context-mode one
+    without a second prefill.
     """
 
     def __init__(self, engine, document, lazy: LazyConfig, mode: str | None, template: bool, prefill: bool = True):
@@ -120,9 +122,10 @@ class DocumentSession:
                                       lambda n: r.footprint(len(ids), n, lazy.sink, lazy.window))
             policy = make_policy(lazy, n_layers, n_full)
             scorer = e.backend.scorer(lazy.score) if lazy.enabled and e.config.score_layers else None
-        else:  # question-scored: the document stays full in every layer
+        else:  # question-scored: the document stays full in every layer (scored all the same, for context_view)
             n_full = n_layers
-            policy, scorer = make_policy(FULL, n_layers, n_layers), None
+            policy = make_policy(FULL, n_layers, n_layers)
+            scorer = e.backend.scorer(lazy.score) if lazy.enabled and e.config.score_layers else None
             self.n_full = plan_full_layers(lazy, n_layers, None, len(ids), 0, lambda n: 0)
         self.need = r.footprint(len(ids), n_full, lazy.sink, lazy.window)
         self.doc_ids = ids
@@ -138,6 +141,19 @@ class DocumentSession:
         self.layer_scores, self.lazy_layers, self.kv_bytes = res.scores, res.lazy_layers, res.kv_bytes
         cuda = self.engine.adapter.device.type == "cuda"
         self._cascade = None if cuda else SharedPrefixDecode(self.runner, self.doc, self.doc_tokens)
+
+    def context_view(self) -> "DocumentSession":
+        """This question-scored document as a context-scored session, without a second prefill.
+
+        Prefill attends fully in every layer in both modes, so the document's hidden states, K/V and
+        own tail scores (kept in ``layer_scores``) are those a ``mode="context"`` prefill computes; the
+        view replays the context-scored queue over those scores and demotes its choice by giving those
+        layers rings of their own, sharing every other layer's blocks. The view is a session of its
+        own (ask, close); it equals ``engine.document(same, mode="context")`` (tested). ValueError for
+        a context-mode or closed session, or ``streaming_prefill`` (its context prefill differs)."""
+        from .session_batch import context_view
+
+        return context_view(self)
 
     # ------------------------------------------------------------------ questions
     def _question_ids(self, question) -> list[int]:

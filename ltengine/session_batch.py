@@ -9,16 +9,23 @@ one paged decode (Triton, CUDA graphs per batch-size bucket) over questions of d
 on the CPU it is cascade attention per document (``runners/cascade.py``) inside one pass of the
 layers, so the weights are read once per step for the whole batch. A question's own prefill on its
 document (``runners/prefix.py``) and its lazy layers are the same as in a session of its own.
+``context_view`` gives question-mode sessions their context-scored twins without a second prefill
+(the RULER harness runs both session columns on one prefill per document).
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 
 import torch
 
 from .config import SamplingParams
+from .lazy import make_policy, plan_full_layers
+from .memory.pool import PoolExhausted
+from .runners.base import PrefillResult
 from .runners.cascade import cascade_decode
+from .runners.prefix import demoted_view
 from .sequence import GenerationOutput, RequestOutput
 
 
@@ -94,6 +101,36 @@ def step_sessions(sessions: list) -> list[RequestOutput]:
     return outs
 
 
+def context_view(session):
+    """``DocumentSession.context_view``: replay the context-scored queue over the document's own tail
+    scores, give its choice rings of their own (``runners.prefix.demoted_view``), and return a session
+    object of its own on that view."""
+    e, r, lazy = session.engine, session.runner, session.lazy
+    if session.mode != "question" or session.closed:
+        raise ValueError(f"context_view() needs an open question-mode session, this one is "
+                         f"{'closed' if session.closed else session.mode + '-mode'}")
+    if lazy.streaming_prefill:
+        raise ValueError("context_view() reuses the fully attended prefill; with streaming_prefill=True a "
+                         "context-mode prefill attends otherwise: open it with mode='context'")
+    t0 = e._timed()
+    n_layers, n = e.num_layers, session.doc_tokens
+    n_full = plan_full_layers(lazy, n_layers, r.capacity, n, 0, lambda k: r.footprint(n, k, lazy.sink, lazy.window))
+    policy, chosen = make_policy(lazy, n_layers, n_full), set()
+    scores = session.layer_scores or [0.0] * n_layers
+    for i in range(n_layers):  # what LayerMajorPrefill asks the policy, layer by layer
+        chosen.update(policy.observe(i, scores[i]))
+    chosen.update(policy.finish())
+    try:
+        doc = demoted_view(r, session.doc, n, chosen)
+    except PoolExhausted as err:
+        raise ValueError(f"context_view(): the lazy layers' rings do not fit the pool ({err})") from None
+    view = copy.copy(session)  # the document's ids, template and runner; its own questions and KV view
+    view.mode, view._ids, view._live, view._outbox, view.closed = "context", itertools.count(), {}, [], False
+    view._prefilled(PrefillResult(None, list(session.layer_scores), sorted(chosen),
+                                  sum(len(b) for b in doc.blocks) * r.pool.bytes_per_block, doc), e._timed() - t0)
+    return view
+
+
 class DocumentBatch:
     """The sessions of several documents (``Engine.documents`` makes one), prefilled together.
 
@@ -103,7 +140,15 @@ class DocumentBatch:
     leaving a ``with`` block) closes every session, aborting what still decodes when left by ``with``.
     """
 
-    def __init__(self, engine, documents, lazy, mode: str | None, template: bool):
+    def __init__(self, engine, sessions: list, prefill_s: float):
+        self.engine, self.sessions, self.prefill_s = engine, sessions, prefill_s
+        self.mode, self.lazy = sessions[0].mode, sessions[0].lazy
+        self._owner: dict[str, int] = {}  # request id -> document index
+        self._ids = itertools.count()
+
+    @classmethod
+    def open(cls, engine, documents, lazy, mode: str | None, template: bool) -> "DocumentBatch":
+        """Every document's session, prefilled together (``Engine.documents``)."""
         from .session import DocumentSession
 
         if isinstance(documents, (str, bytes)) or not isinstance(documents, (list, tuple)) or not documents:
@@ -114,11 +159,20 @@ class DocumentBatch:
                 sessions.append(DocumentSession(engine, doc, lazy, mode, template, prefill=False))
             except ValueError as err:
                 raise ValueError(f"document {i}: {err}") from None
-        self.prefill_s = prefill_documents(sessions)  # every session's prefill_s: its prefill batch's time
-        self.engine, self.sessions = engine, sessions
-        self.mode, self.lazy = sessions[0].mode, sessions[0].lazy
-        self._owner: dict[str, int] = {}  # request id -> document index
-        self._ids = itertools.count()
+        return cls(engine, sessions, prefill_documents(sessions))  # prefill_s: every prefill batch's time
+
+    def context_view(self) -> "DocumentBatch":
+        """Every (question-mode) session's ``context_view``: the same documents context-scored, with no
+        second prefill. ValueError as ``DocumentSession.context_view``; on one, the views made are closed."""
+        views = []
+        try:
+            for s in self.sessions:
+                views.append(s.context_view())
+        except BaseException:
+            for v in views:
+                v.close()
+            raise
+        return DocumentBatch(self.engine, views, sum(v.prefill_s for v in views))
 
     def __len__(self) -> int:
         return len(self.sessions)

@@ -124,3 +124,45 @@ def test_documents_over_the_budget_are_refused_with_nothing_held():
     with engine.documents(docs[:2], template=False) as batch:  # two fit
         assert len(batch.ask([[3, 4], [5]], max_new_tokens=4)) == 2
     assert engine._session_runner().used == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_context_view_equals_a_context_mode_prefill(family):
+    # one question-mode prefill serves both modes: the view's lazy layers, scores and answers are those
+    # of a document prefilled in context mode; it shares the full layers' blocks and owns the rings
+    engine = _engine(family)
+    doc, q1, q2 = random_prompts(81, [420, 12, 30])
+    with engine.document(doc, template=False, lazy=LAZY, mode="context") as direct:
+        expect = direct.ask_many([q1, q2], max_new_tokens=16)
+        lazy, scores = direct.lazy_layers, direct.layer_scores
+    pool = engine._session_runner().pool
+    idle = pool.used_blocks
+    s = engine.document(doc, template=False, lazy=LAZY, mode="question")
+    doc_blocks = sum(len(b) for b in s.doc.blocks)
+    view = s.context_view()
+    assert view.mode == "context" and view.lazy_layers == lazy and len(lazy) == 3
+    assert view.layer_scores == pytest.approx(scores, abs=1e-6)
+    ring = pool.blocks_for(LAZY.sink + LAZY.window)
+    assert pool.used_blocks == idle + doc_blocks + len(lazy) * ring
+    s.close()  # the view still reads the shared blocks
+    assert [o.token_ids for o in view.ask_many([q1, q2], max_new_tokens=16)] == [o.token_ids for o in expect]
+    view.close()
+    assert pool.used_blocks == idle
+    with engine.document(doc, template=False, lazy=LAZY, mode="context") as c:
+        with pytest.raises(ValueError, match="needs an open question-mode session, this one is context-mode"):
+            c.context_view()
+    with pytest.raises(ValueError, match="needs an open question-mode session, this one is closed"):
+        s.context_view()
+
+
+def test_batch_context_view_across_documents():
+    engine = _engine("qwen3")
+    docs = random_prompts(91, [300, 380])
+    qs = random_prompts(92, [12, 20])
+    alone = _one_at_a_time(engine, docs, qs, "context", 12)
+    with engine.documents(docs, template=False, lazy=LAZY, mode="question") as batch:
+        with batch.context_view() as view:
+            assert view.mode == "context" and len(view) == 2
+            outs = view.ask(qs, max_new_tokens=12)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+    assert engine._session_runner().used == 0

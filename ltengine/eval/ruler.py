@@ -7,9 +7,9 @@ sequence finishing at EOS, at its task's ``max_new_tokens``, or once every answe
 (RULER's ``string_match_all`` cannot change after that). The batch runs other matrix shapes and a
 plain matmul attention instead of the backend's kernels, so a near-tie can resolve differently from
 ``Engine.generate`` (the per-prompt passkey harness is the bit-exact one). Session configs prefill each
-document once per config through ``Engine.documents`` (many documents per batch) and decode the
-questions as one batch across the documents (``run_sessions``); they are reported as skipped (with
-the reason) where the engine has no ``documents``.
+document through ``Engine.documents`` (many documents per batch; one prefill serves both modes) and
+decode the questions as one batch across the documents (``ruler_sessions.run_sessions``); they are
+reported as skipped (with the reason) where the engine has no ``documents``.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import time
 
 from tqdm.auto import tqdm
 
-from ..config import SamplingParams
-from ..runners.paged import BUCKETS
 from .harness import shared_prefill
 from .ruler_decode import Job, batched_greedy
 from .ruler_configs import RulerConfig
-from .ruler_tasks import RulerSample, make_sample, novel_sentences, novel_words, string_match_all, string_match_part
+from .ruler_sessions import run_sessions  # noqa: F401 - commands.ruler runs the session configs through it
+from .ruler_prompt import record
+from .ruler_tasks import RulerSample, make_sample, novel_sentences, novel_words
 
 
 _TOKENIZER = None  # the forked workers' tokenizer (inherited, never pickled)
@@ -50,12 +50,6 @@ def make_samples(tokenizer, tasks: list[str], lengths: list[int], n: int, seed: 
             return list(pool.map(_make, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
     finally:
         _TOKENIZER = None
-
-
-def _record(s: RulerSample, cfg: RulerConfig, text: str, layers, extra: dict) -> dict:
-    return dict(task=s.task, length=s.length, sample=s.index, config=cfg.key, prompt_tokens=len(s.ids),
-                answers=s.answers, output=text, lazy_layers=list(layers), all=string_match_all(text, s.answers),
-                part=string_match_part(text, s.answers), **extra)
 
 
 def run_harness(engine, samples: list[RulerSample], configs: list[RulerConfig], chunk: int = 4,
@@ -88,7 +82,7 @@ def run_harness(engine, samples: list[RulerSample], configs: list[RulerConfig], 
             sp.release()
         t_decode = time.perf_counter() - t0 - t_prefill
         for s, cfg, layers, j, window in plan:
-            records.append(_record(s, cfg, decode(outs[j]), layers,
+            records.append(record(s, cfg.key, decode(outs[j]), layers,
                                    dict(window=window, chunk_prefill_s=round(t_prefill, 3),
                                         chunk_decode_s=round(t_decode, 3))))
         bar.update(len(group))
@@ -101,59 +95,3 @@ def sessions_missing(engine) -> str | None:
     if not callable(getattr(type(engine), "documents", None)):
         return "Engine.documents is missing (document sessions, issue #13 part 1, are not in this build)"
     return None
-
-
-MAX_SESSION_BATCH = BUCKETS[-1]  # the paged runner's largest CUDA-graph bucket: beyond it, a graph per batch size
-
-
-def session_chunks(samples: list[RulerSample], tokens: int) -> list[list[RulerSample]]:
-    """Consecutive samples, as many per chunk as fit ``tokens`` prompt tokens (one at least) and
-    ``MAX_SESSION_BATCH``."""
-    chunks, n = [[]], 0
-    for s in samples:
-        if chunks[-1] and (n + len(s.ids) > tokens or len(chunks[-1]) == MAX_SESSION_BATCH):
-            chunks.append([])
-            n = 0
-        chunks[-1].append(s)
-        n += len(s.ids)
-    return chunks if chunks[0] else []
-
-
-def run_sessions(engine, samples: list[RulerSample], configs: list[RulerConfig], chunk_tokens: int | None = None,
-                 desc: str = "sessions") -> list[dict]:
-    """Records for session configs: per config and chunk of samples (``chunk_tokens`` prompt tokens;
-    default 256k on CUDA, 32k elsewhere), ``engine.documents`` on each sample's prompt up to its
-    question (token ids, ``template=False``: the very prompt the harness configs see), then each
-    question's tokens (question, the template's end, the answer prefix) added on its document and
-    decoded greedily as one batch across the documents. A question is stopped once every answer is in
-    its text, as the harness stops its sequences (RULER's ``string_match_all`` cannot change after
-    that). So ``session-full`` is the harness's ``full`` decoded through sessions."""
-    cap = chunk_tokens or (262144 if engine.adapter.device.type == "cuda" else 32768)
-    records = []
-    for cfg in configs:
-        bar = tqdm(total=len(samples), desc=f"{desc} {cfg.key}", unit="prompt")
-        for group in session_chunks(samples, cap):
-            records += _session_chunk(engine, group, cfg)
-            bar.update(len(group))
-        bar.close()
-    return records
-
-
-def _session_chunk(engine, group: list[RulerSample], cfg: RulerConfig) -> list[dict]:
-    decode = lambda t: engine.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
-    t0 = time.perf_counter()
-    outs, tokens = {}, {}
-    with engine.documents([s.document_ids for s in group], lazy=cfg.lazy(), mode=cfg.mode, template=False) as docs:
-        t_prefill = time.perf_counter() - t0
-        rids = [docs.add(i, s.question_ids, SamplingParams(max_new_tokens=s.max_new_tokens)) for i, s in enumerate(group)]
-        sample = dict(zip(rids, group))
-        while docs.has_unfinished():
-            for out in docs.step():
-                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-                if out.finished:
-                    outs[out.request_id] = out.output
-                elif string_match_all(decode(tokens[out.request_id]), sample[out.request_id].answers) == 1.0:
-                    outs[out.request_id] = docs.stop(out.request_id)
-    t_all = time.perf_counter() - t0
-    extra = dict(chunk_size=len(group), chunk_prefill_s=round(t_prefill, 3), chunk_decode_s=round(t_all - t_prefill, 3))
-    return [_record(s, cfg, outs[r].text, outs[r].lazy_layers, extra) for r, s in zip(rids, group)]
