@@ -70,5 +70,9 @@ def test_documents_batch_matches_one_session_at_a_time_on_cuda(family):
             outs = batch.ask(qs, max_new_tokens=20)
         assert [o.token_ids for o in outs] == [o.token_ids for o in alone], mode
         assert [o.lazy_layers for o in outs] == [o.lazy_layers for o in alone], mode
+    with engine.documents(docs, template=False, lazy=LAZY, mode="question") as batch:
+        with batch.context_view() as view:  # context mode on the question-mode prefill
+            views = view.ask(qs, max_new_tokens=20)
+    assert [o.token_ids for o in views] == [o.token_ids for o in alone]  # the loop's last mode: context
     assert engine.runner.used == 0
     assert engine.runner.graphs and any(st["graph"] is not None for st in engine.runner._static.values())
