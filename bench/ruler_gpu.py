@@ -46,15 +46,18 @@ def _predict(cost: dict, stage: str, before: list[int], L: int, main_scale: floa
 
 
 def _session_times(path: Path) -> str:
-    """Per session config: batches, seconds in document prefill and in question prefill + decode."""
+    """Per session config: batches, seconds in document prefill (or making the view of another config's
+    documents) and in question prefill + decode."""
     recs = json.loads(path.read_text())["records"]
     parts = []
     for c in dict.fromkeys(r["config"] for r in recs):
         mine = [r for r in recs if r["config"] == c]
         pre = sum(r["chunk_prefill_s"] / r["chunk_size"] for r in mine)
         dec = sum(r["chunk_decode_s"] / r["chunk_size"] for r in mine)
+        shared = mine[0].get("prefill_shared_with")
+        docs = f"a view of {shared}'s documents {pre:.1f} s" if shared else f"documents {pre:.1f} s"
         parts.append(f"{c}: {round(sum(1 / r['chunk_size'] for r in mine))} batches of <= {max(r['chunk_size'] for r in mine)}, "
-                     f"documents {pre:.1f} s, questions {dec:.1f} s")
+                     f"{docs}, questions {dec:.1f} s")
     return "; " + "; ".join(parts)
 
 
@@ -68,9 +71,11 @@ def _session_runner(engine) -> str:
 
 def _snippet(a, stages, log: list[str], cost: dict) -> None:
     """RESULTS_ruler.md (the log, then each finished stage's table) and timing.json."""
-    lines = [f"### RULER on {a.device} ({time.strftime('%Y-%m-%d')}), `bash bench/gpu_ruler.sh`", "",
-             f"Default model from `{Path(a.model).name}`, {a.dtype}; window 256, sink 4. Stages: main (seed 0), "
-             f"held-out seeds (seed {a.heldout_seed}), sessions (N = {a.session_n}); time per length:", "",
+    what = {"main": "main (seed 0)", "heldout": f"held-out seeds (seed {a.heldout_seed})",
+            "sessions": f"sessions ({a.sessions}; N = {a.session_n}, seed 0, batched across documents)"}
+    lines = [f"### RULER on {a.device} ({time.strftime('%Y-%m-%d')}), `bench/ruler_gpu.py --stages {a.stages}`", "",
+             f"Default model from `{Path(a.model).name}`, {a.dtype}; window 256, sink 4. Stages: "
+             f"{', '.join(what[s] for s, *_ in stages)}; time per length:", "",
              "```", *log, "```"]
     for stage, *_ in stages:
         md = Path(a.out) / stage / "ruler.md"
