@@ -20,6 +20,9 @@ graphs), elsewhere by cascade attention that reads the shared blocks once per st
   window of (document + question) while its full layers share the document's blocks. The choice
   follows the question, which is what the paper's test-time selection does; the RULER evaluation
   (issue 13, part 3) measures both.
+
+Many documents at once (``engine.documents``: prefilled together, questions decoded as one batch
+across them) and ``context_view`` (context mode on a question-mode prefill): ``session_batch.py``.
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from .runners.base import PrefillResult
 from .runners.cascade import cascade_decode
 from .runners.prefix import demoted_view
 from .sequence import GenerationOutput, RequestOutput
+from .stepper import _sample
 
 
 def prefill_documents(sessions: list) -> float:
@@ -86,8 +87,6 @@ def step_sessions(sessions: list) -> list[RequestOutput]:
         logits = groups[0][0].runner.decode([q.handle for q in live], toks, pos)
     else:
         logits = cascade_decode([(s._cascade, [q.handle for q in g]) for s, g in groups], toks, pos)
-    from .stepper import _sample
-
     nxt = iter(_sample(logits, live).tolist())
     e.totals["decode_s"] += time.perf_counter() - t0
     by_id = {o.request_id: o for o in outs}
