@@ -138,6 +138,8 @@ def main(argv=None) -> int:
             msg = f"{stage} {L}: {cost[(stage, L)]:.1f} s ({n} x {len(a.tasks.split(','))} prompts, {len(configs)} configs)"
             if stage == "sessions":
                 msg += _session_times(out / "ruler.json")
+                if not done:  # once, while the run is alive: what decoded the sessions
+                    msg += "\nsessions' runner: " + _session_runner(engine)
             print(msg, flush=True)
             log.append(msg)
             done.append(out / "ruler.json")
@@ -146,8 +148,6 @@ def main(argv=None) -> int:
         if done:
             print(f"\n## {stage} (seed {seed})\n" + (Path(a.out) / stage / "ruler.md").read_text(), flush=True)
     _snippet(a, stages, log, cost)
-    if "sessions" in a.stages:
-        print("sessions' runner: " + _session_runner(engine), flush=True)
     print(f"total {time.perf_counter() - t0:.1f} s after load", flush=True)
     return 0
 
