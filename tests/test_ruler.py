@@ -151,23 +151,21 @@ def test_merge_puts_other_configs_beside_and_refuses_overlaps(tmp_path):
         merge([main[0], run("n3", ["x"], [1024], n=3)], tmp_path / "n")
 
 
-@pytest.mark.parametrize("keys", [("session-context",), ("session-context", "session-question")])
-def test_batched_sessions_equal_one_session_per_sample(engine, tok, keys):
-    """The harness's sessions (several documents per batch; with both modes, context mode on the
-    question-mode prefill through ``context_view``; a question stopped once its answers are all in)
+def test_batched_sessions_equal_one_session_per_sample(engine, tok):
+    """The harness's sessions (the documents of a chunk prefilled together, context mode on the
+    question-mode prefill through ``context_view``, a question stopped once its answers are all in)
     against one ``Engine.document`` + ``ask`` per sample and mode: the same lazy layers, the batched
     text a prefix of the full answer, the same score."""
-    samples = make_samples(tok, ["niah_single_1", "fwe"], [512], 2, seed=5)
-    configs = [parse_config(k) for k in keys]
-    batched = run_sessions(engine, samples, configs, chunk_tokens=1000)  # 2 documents per batch
-    assert len(batched) == 4 * len(keys) and all(r["chunk_size"] == 2 for r in batched)
-    shared = {r["config"]: r["prefill_shared_with"] for r in batched}
-    assert shared == ({"session-context": None} if len(keys) == 1 else
-                      {"session-context": "session-question", "session-question": None})
+    samples = make_samples(tok, ["niah_single_1", "fwe"], [512], 1, seed=5)
+    configs = [parse_config("session-context"), parse_config("session-question")]
+    batched = run_sessions(engine, samples, configs, chunk_tokens=1000)  # both documents in one batch
+    assert len(batched) == 4 and all(r["chunk_size"] == 2 for r in batched)
+    assert {r["config"]: r["prefill_shared_with"] for r in batched} == {"session-context": "session-question",
+                                                                         "session-question": None}
     for cfg in configs:
-        recs = {r["sample"] + 10 * (r["task"] == "fwe"): r for r in batched if r["config"] == cfg.key}
+        recs = {r["task"]: r for r in batched if r["config"] == cfg.key}
         for s in samples:
-            rec = recs[s.index + 10 * (s.task == "fwe")]
+            rec = recs[s.task]
             with engine.document(s.document_ids, lazy=cfg.lazy(), mode=cfg.mode, template=False) as doc:
                 out = doc.ask(s.question_ids, max_new_tokens=s.max_new_tokens)
             assert rec["lazy_layers"] == out.lazy_layers and len(out.lazy_layers) == 15
