@@ -2,6 +2,8 @@
 stages run length by length (main table, held-out seeds, sessions), each length skipped -- and said so --
 when the time it is predicted to take (the last length's time x 2.2, the prompts being twice as long)
 does not fit in what is left. Writes, per stage, ruler.md / ruler.json / ruler.png, and RESULTS_ruler.md.
+The sessions stage prefills many documents per batch and decodes their questions as one batch
+(``Engine.documents`` through ``ruler.run_sessions``); its log line says where its time went.
 
     python bench/ruler_gpu.py --model FILE.gguf|default --device cuda --out OUT --deadline UNIX_TIME
 """
@@ -24,7 +26,7 @@ from ltengine.models import load_model  # noqa: E402
 
 MAIN = "full,ratio25,ratio50,peak25,peak50,random50,streaming"
 HELDOUT = "full,ratio50,peak50,peak50-p64"  # the CPU pilot: peak p16 > p64 > ratio; peak32 and headmin worse
-SESSIONS = "session-full,session-context,session-question"
+SESSIONS = "session-context,session-question"  # session-full (= full through sessions) on request
 
 
 def _predict(cost: dict, stage: str, before: list[int], L: int, main_scale: float) -> float:
@@ -43,11 +45,37 @@ def _predict(cost: dict, stage: str, before: list[int], L: int, main_scale: floa
     return cost[(stage, prev)] * min(2.5, max(1.0, g))
 
 
+def _session_times(path: Path) -> str:
+    """Per session config: batches, seconds in document prefill (or making the view of another config's
+    documents) and in question prefill + decode."""
+    recs = json.loads(path.read_text())["records"]
+    parts = []
+    for c in dict.fromkeys(r["config"] for r in recs):
+        mine = [r for r in recs if r["config"] == c]
+        pre = sum(r["chunk_prefill_s"] / r["chunk_size"] for r in mine)
+        dec = sum(r["chunk_decode_s"] / r["chunk_size"] for r in mine)
+        shared = mine[0].get("prefill_shared_with")
+        docs = f"a view of {shared}'s documents {pre:.1f} s" if shared else f"documents {pre:.1f} s"
+        parts.append(f"{c}: {round(sum(1 / r['chunk_size'] for r in mine))} batches of <= {max(r['chunk_size'] for r in mine)}, "
+                     f"{docs}, questions {dec:.1f} s")
+    return "; " + "; ".join(parts)
+
+
+def _session_runner(engine) -> str:
+    """What decoded the sessions: the runner, its decode kernel, whether CUDA graphs were captured."""
+    r = engine._session_runner()
+    buckets = sorted(b for b, st in r._static.items() if st.get("graph") is not None)
+    return (f"{r.name}, paged_decode {r.attn_name}, fused step {r.fused is not None}, graphs {r.graphs} "
+            f"(captured for batch buckets {buckets})")
+
+
 def _snippet(a, stages, log: list[str], cost: dict) -> None:
     """RESULTS_ruler.md (the log, then each finished stage's table) and timing.json."""
-    lines = [f"### RULER on {a.device} ({time.strftime('%Y-%m-%d')}), `bash bench/gpu_ruler.sh`", "",
-             f"Default model from `{Path(a.model).name}`, {a.dtype}; window 256, sink 4. Stages: main (seed 0), "
-             f"held-out seeds (seed {a.heldout_seed}), sessions (N = {a.session_n}); time per length:", "",
+    what = {"main": "main (seed 0)", "heldout": f"held-out seeds (seed {a.heldout_seed})",
+            "sessions": f"sessions ({a.sessions}; N = {a.session_n}, seed 0, batched across documents)"}
+    lines = [f"### RULER on {a.device} ({time.strftime('%Y-%m-%d')}), `bench/ruler_gpu.py --stages {a.stages}`", "",
+             f"Default model from `{Path(a.model).name}`, {a.dtype}; window 256, sink 4. Stages: "
+             f"{', '.join(what[s] for s, *_ in stages)}; time per length:", "",
              "```", *log, "```"]
     for stage, *_ in stages:
         md = Path(a.out) / stage / "ruler.md"
@@ -67,7 +95,10 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="1024,2048,4096,8192")
     p.add_argument("--n", type=int, default=25)
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--session-n", type=int, default=5)
+    p.add_argument("--session-n", type=int, default=25)
+    p.add_argument("--sessions", default=SESSIONS, help="the sessions stage's configs")
+    p.add_argument("--session-tokens", type=int, default=None,
+                   help="prompt tokens of documents per session batch (default: ruler.run_sessions')")
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--workers", type=int, default=12, help="processes generating the samples")
     p.add_argument("--main", default=MAIN)
@@ -82,7 +113,7 @@ def main(argv=None) -> int:
     print(f"model loaded in {time.perf_counter() - t_load:.1f} s; backends {engine.backends}", flush=True)
     t0 = time.perf_counter()
     lengths = [int(x) for x in a.lengths.split(",")]
-    every = {"main": (a.main, a.n, 0), "heldout": (a.heldout, a.n, a.heldout_seed), "sessions": (SESSIONS, a.session_n, 0)}
+    every = {"main": (a.main, a.n, 0), "heldout": (a.heldout, a.n, a.heldout_seed), "sessions": (a.sessions, a.session_n, 0)}
     stages = [(s, *every[s]) for s in a.stages.split(",")]
     cost: dict = {}  # (stage, length) -> seconds
     log = []
@@ -92,10 +123,6 @@ def main(argv=None) -> int:
         for i, L in enumerate(lengths):
             left = deadline - time.time()
             predicted = _predict(cost, stage, lengths[:i], L, main_scale=len(configs) / len(a.main.split(",")) * n / a.n)
-            if stage == "sessions" and i == 0:  # nothing batches here: time one sample of each config first
-                t1 = time.perf_counter()
-                commands.ruler(engine, Path(a.out) / "sessions_probe", a.tasks.split(",")[:1], [L], 1, configs, seed, 1)
-                predicted = (time.perf_counter() - t1) * n * len(a.tasks.split(","))
             if predicted > left:  # longer lengths would not fit either
                 msg = (f"{stage} {','.join(map(str, lengths[i:]))}: skipped (predicted {predicted:.0f} s for {L} "
                        f"> {left:.0f} s left)")
@@ -106,9 +133,13 @@ def main(argv=None) -> int:
             out = Path(a.out) / f"{stage}_{L}"
             commands.ruler(engine, out, a.tasks.split(","), [L], n, configs, seed, a.chunk,
                            dict(stage=stage, configs=names, n=n, seed=seed, lengths=[L], device=a.device, dtype=a.dtype),
-                           workers=a.workers)
+                           workers=a.workers, session_tokens=a.session_tokens)
             cost[(stage, L)] = time.perf_counter() - t1
             msg = f"{stage} {L}: {cost[(stage, L)]:.1f} s ({n} x {len(a.tasks.split(','))} prompts, {len(configs)} configs)"
+            if stage == "sessions":
+                msg += _session_times(out / "ruler.json")
+                if not done:  # once, while the run is alive: what decoded the sessions
+                    msg += "\nsessions' runner: " + _session_runner(engine)
             print(msg, flush=True)
             log.append(msg)
             done.append(out / "ruler.json")

@@ -1,5 +1,6 @@
-"""The user's object: ``Engine(model).generate(prompt)``, stream, chat, long-document answer, and the
-online core under them: ``add_request`` / ``step`` / ``abort``.
+"""The user's object: ``Engine(model).generate(prompt)``, stream, chat, long-document answer, document
+sessions (``document`` / ``documents``), and the online core under them: ``add_request`` / ``step`` /
+``abort``.
 
 ``step`` is one iteration: admit what fits (scheduler.py), run the prefill in flight (all of it, or
 ``interleave_layers`` layers), then one decode step of every running request (runners/), sampled
@@ -351,6 +352,17 @@ class Engine:
             raise ValueError("document sessions do not run on a tensor-parallel engine yet "
                              "(tensor_parallel=1 has them); use generate/answer per question there")
         return DocumentSession(self, document, self._lazy_for(lazy), mode, template)
+
+    def documents(self, documents, *, lazy: LazyConfig | None | str = "engine", template: bool = True,
+                  mode: str | None = None):
+        """``document`` for several documents at once: a ``DocumentBatch`` of their sessions, prefilled
+        in layer-major batches, whose questions (``ask`` one per document, or ``add(i, q)`` / ``step``)
+        decode as one batch across the documents. See ``ltengine/session_batch.py``."""
+        from .session_batch import DocumentBatch
+
+        if self.tp is not None:
+            raise ValueError("document sessions do not run on a tensor-parallel engine yet (tensor_parallel=1 has them)")
+        return DocumentBatch.open(self, documents, self._lazy_for(lazy), mode, template)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.prompts.chat(messages)

@@ -20,6 +20,9 @@ graphs), elsewhere by cascade attention that reads the shared blocks once per st
   window of (document + question) while its full layers share the document's blocks. The choice
   follows the question, which is what the paper's test-time selection does; the RULER evaluation
   (issue 13, part 3) measures both.
+
+Many documents at once (``engine.documents``: prefilled together, questions decoded as one batch
+across them) and ``context_view`` (context mode on a question-mode prefill): ``session_batch.py``.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from .runners.base import PrefillRequest
 from .runners.cascade import SharedPrefixDecode
 from .runners.prefix import fork, fork_blocks, prefill_on_prefix
 from .sequence import GenerationOutput, RequestOutput, Sequence, SequenceStatus
+from .session_batch import prefill_documents, step_sessions
 from .stepper import _sample, append_token
 
 MODES = ("context", "question")
@@ -51,12 +55,14 @@ class DocumentSession:
     step-level ``add`` / ``step`` / ``abort`` drive questions one decode step at a time. ``close()``
     (or leaving a ``with`` block) gives the document's memory back: at once for what no question
     reads, and a shared block once the last question reading it finishes. Attributes:
-    ``doc_tokens``, ``mode``, ``lazy`` (the session's LazyConfig), ``lazy_layers`` and
-    ``layer_scores`` (the document's, in context mode), ``prefill_s``, ``kv_bytes`` (the document's); a
-    question's ``stats.prefill_s`` is its own prefill on top of the document.
+    ``doc_tokens``, ``mode``, ``lazy`` (the session's LazyConfig), ``lazy_layers`` (the document's, in
+    context mode), ``layer_scores`` (every layer's score on the document's own tail, both modes),
+    ``prefill_s``, ``kv_bytes`` (the document's); a question's ``stats.prefill_s`` is its own prefill on
+    top of the document. ``context_view()`` turns a question-mode session into a context-mode one
+    without a second prefill.
     """
 
-    def __init__(self, engine, document, lazy: LazyConfig, mode: str | None, template: bool):
+    def __init__(self, engine, document, lazy: LazyConfig, mode: str | None, template: bool, prefill: bool = True):
         mode = DEFAULT_MODE if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} (or None for {DEFAULT_MODE!r}), got {mode!r}")
@@ -74,11 +80,10 @@ class DocumentSession:
         self._prefix_text, ids = self._document_ids(document)
         self.doc_tokens = len(ids)
         engine.prompts.check_length(len(ids), 1, "document")
-        self._prefill(ids)
-        # decode chosen once: on CUDA the paged runner's (Triton, CUDA graphs); elsewhere cascade
-        # attention that reads the shared document once per step for the whole batch
-        cuda = engine.adapter.device.type == "cuda"
-        self._decode = self.runner.decode if cuda else SharedPrefixDecode(self.runner, self.doc, self.doc_tokens)
+        self.doc = None
+        self.request = self._plan(ids)
+        if prefill:
+            prefill_documents([self])
 
     # ------------------------------------------------------------------ the document
     def _document_ids(self, document) -> tuple[str | None, list[int]]:
@@ -109,7 +114,8 @@ class DocumentSession:
         return self.engine.prompts.tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                                  tokenize=False, add_generation_prompt=True)
 
-    def _prefill(self, ids: list[int]) -> None:
+    def _plan(self, ids: list[int]) -> PrefillRequest:
+        """The document's prefill request; ``self.need``: the KV bytes it will hold."""
         e, lazy, r = self.engine, self.lazy, self.runner
         n_layers = e.num_layers
         if lazy.enabled and needs_scores(lazy) and not e.config.score_layers:
@@ -119,24 +125,38 @@ class DocumentSession:
                                       lambda n: r.footprint(len(ids), n, lazy.sink, lazy.window))
             policy = make_policy(lazy, n_layers, n_full)
             scorer = e.backend.scorer(lazy.score) if lazy.enabled and e.config.score_layers else None
-        else:  # question-scored: the document stays full in every layer
+        else:  # question-scored: the document stays full in every layer (scored all the same, for context_view)
             n_full = n_layers
-            policy, scorer = make_policy(FULL, n_layers, n_layers), None
+            policy = make_policy(FULL, n_layers, n_layers)
+            scorer = e.backend.scorer(lazy.score) if lazy.enabled and e.config.score_layers else None
             self.n_full = plan_full_layers(lazy, n_layers, None, len(ids), 0, lambda n: 0)
-        need = r.footprint(len(ids), n_full, lazy.sink, lazy.window)
-        if r.free is not None and need > r.free:
-            raise ValueError(f"the document ({len(ids)} tokens, {n_full} full layers) needs {need} KV bytes, "
-                             f"{r.free} are free in the pool (kv_budget {e.kv_budget})")
-        dev = e.adapter.device
-        req = PrefillRequest(torch.tensor(ids, dtype=torch.long, device=dev), policy, lazy.sink, lazy.window,
-                             lazy.probe, scorer, 0)
-        t0 = e._timed()
-        task = r.start_prefill([req])
-        task.advance()
-        res = task.results()[0]  # a failure releases what the prefill stored and re-raises
-        self.prefill_s = e._timed() - t0
-        self.doc, self.doc_ids = res.handle, ids
+        self.need = r.footprint(len(ids), n_full, lazy.sink, lazy.window)
+        self.doc_ids = ids
+        return PrefillRequest(torch.tensor(ids, dtype=torch.long, device=e.adapter.device), policy, lazy.sink,
+                              lazy.window, lazy.probe, scorer, 0)
+
+    def _prefilled(self, res, seconds: float) -> None:
+        """Take in the document's prefill result (``PrefillResult``); choose the decode once: on CUDA
+        the paged runner's (Triton, CUDA graphs), elsewhere cascade attention that reads the shared
+        document once per step for all its questions."""
+        self.prefill_s, self.request = seconds, None
+        self.doc = res.handle
         self.layer_scores, self.lazy_layers, self.kv_bytes = res.scores, res.lazy_layers, res.kv_bytes
+        cuda = self.engine.adapter.device.type == "cuda"
+        self._cascade = None if cuda else SharedPrefixDecode(self.runner, self.doc, self.doc_tokens)
+
+    def context_view(self) -> "DocumentSession":
+        """This question-scored document as a context-scored session, without a second prefill.
+
+        Prefill attends fully in every layer in both modes, so the document's hidden states, K/V and
+        own tail scores (kept in ``layer_scores``) are those a ``mode="context"`` prefill computes; the
+        view replays the context-scored queue over those scores and demotes its choice by giving those
+        layers rings of their own, sharing every other layer's blocks. The view is a session of its
+        own (ask, close); it equals ``engine.document(same, mode="context")`` (tested). ValueError for
+        a context-mode or closed session, or ``streaming_prefill`` (its context prefill differs)."""
+        from .session_batch import context_view
+
+        return context_view(self)
 
     # ------------------------------------------------------------------ questions
     def _question_ids(self, question) -> list[int]:
@@ -226,23 +246,7 @@ class DocumentSession:
     def step(self) -> list[RequestOutput]:
         """One decode step of every question in flight, as one batch; what each gained (finished
         ones carry their ``GenerationOutput``), first tokens of questions added since included."""
-        outs, self._outbox = self._outbox, []
-        live = list(self._live.values())
-        if live:
-            t0 = time.perf_counter()
-            dev = self.engine.adapter.device
-            toks = torch.tensor([s.tokens[-1] for s in live], device=dev)
-            pos = torch.tensor([s.length - 1 for s in live], device=dev)
-            nxt = _sample(self._decode([s.handle for s in live], toks, pos), live).tolist()
-            self.engine.totals["decode_s"] += time.perf_counter() - t0
-            by_id = {o.request_id: o for o in outs}
-            for seq, tok in zip(live, nxt):
-                out = by_id.get(seq.request_id)
-                if out is None:
-                    out = by_id[seq.request_id] = RequestOutput(seq.request_id, [])
-                    outs.append(out)
-                self._accept(seq, tok, out)
-        return outs
+        return step_sessions([self])
 
     def _accept(self, seq: Sequence, token: int, out: RequestOutput) -> None:
         e = self.engine
@@ -261,12 +265,19 @@ class DocumentSession:
 
     def abort(self, request_id: str) -> bool:
         """Stop a question now and give its own KV back; False if unknown or finished."""
+        return self.stop(request_id) is not None
+
+    def stop(self, request_id: str) -> GenerationOutput | None:
+        """Like ``abort``, but return what the question generated so far (``finish_reason="abort"``);
+        None if unknown or finished. For a caller that has what it needs (the RULER harness stops a
+        question once every answer is in its text)."""
         seq = self._live.get(request_id)
         if seq is None:
-            return False
+            return None
         seq.finish_reason, seq.text = "abort", self.engine.prompts.decode(seq.tokens)
+        seq.stats.decode_s = time.perf_counter() - seq.decode_start
         self._finish(seq)
-        return True
+        return seq.output(self.engine.num_layers)
 
     def has_unfinished(self) -> bool:
         return bool(self._live or self._outbox)
@@ -304,7 +315,8 @@ class DocumentSession:
         the questions still decoding (drive them with ``step``) finish or are aborted."""
         if not self.closed:
             self.closed = True
-            self.runner.release(self.doc)
+            if self.doc is not None:
+                self.runner.release(self.doc)
 
     def __enter__(self) -> "DocumentSession":
         return self

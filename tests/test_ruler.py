@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 
 from ltengine import Engine, cli
 from ltengine.eval import cli as eval_cli
 from ltengine.eval.harness import greedy, shared_prefill
-from ltengine.eval.ruler import make_samples
+from ltengine.eval.ruler import make_samples, run_sessions
 from ltengine.eval.ruler_decode import Job, batched_greedy
 from ltengine.eval.ruler_configs import parse_config
 from ltengine.eval.ruler_tasks import TASKS, make_sample, string_match_all, string_match_part, tolerance
@@ -131,19 +130,51 @@ def cli_engine(engine, monkeypatch):
     return engine
 
 
-def test_eval_ruler_end_to_end(cli_engine, tmp_path, monkeypatch):
-    """2 tasks x 1 length on the default model: every harness config, a session config (on a stand-in
-    ``Engine.document`` when the engine has none, checking the wiring), the tables and the heatmap."""
-    asked = []
+def test_merge_puts_other_configs_beside_and_refuses_overlaps(tmp_path):
+    from ltengine.eval.ruler_report import merge, write
 
-    def document(self, text, lazy=None, mode="context"):
-        def ask(question, max_new_tokens=16):
-            asked.append((text, question, mode, max_new_tokens))
-            return SimpleNamespace(text=text[-200:], lazy_layers=[])
-        return SimpleNamespace(ask=ask, close=lambda: None)
+    def run(name, configs, lengths, n=2, tasks=("vt", "cwe")):
+        recs = [dict(config=c, task=t, length=L, all=float(i % 2), part=float(i % 2)) for c in configs
+                for t in tasks for L in lengths for i in range(n)]
+        return write(tmp_path / name, recs, configs, list(tasks), lengths, n, {}, {})["json"]
 
-    if not callable(getattr(Engine, "document", None)):
-        monkeypatch.setattr(Engine, "document", document, raising=False)
+    main = [run("m1", ["full", "peak50"], [1024]), run("m8", ["full", "peak50"], [8192])]
+    sess = run("s", ["session-context", "session-question"], [1024, 8192])
+    out = merge(main + [sess], tmp_path / "all")
+    data = json.loads(out["json"].read_text())
+    assert data["configs"] == ["full", "peak50", "session-context", "session-question"]
+    assert data["summary"]["relative_to_full"]["session-question"]["8192"] == pytest.approx(1.0)
+    assert "| session-context | 50 [" in out["md"].read_text()
+    with pytest.raises(ValueError, match="both hold config 'full' at length 1024"):
+        merge([main[0], main[0]], tmp_path / "dup")
+    with pytest.raises(ValueError, match="merge joins runs of the same tasks and N"):
+        merge([main[0], run("n3", ["x"], [1024], n=3)], tmp_path / "n")
+
+
+def test_batched_sessions_equal_one_session_per_sample(engine, tok):
+    """The harness's sessions (the documents of a chunk prefilled together, context mode on the
+    question-mode prefill through ``context_view``, a question stopped once its answers are all in)
+    against one ``Engine.document`` + ``ask`` per sample and mode: the same lazy layers, the batched
+    text a prefix of the full answer, the same score."""
+    samples = make_samples(tok, ["niah_single_1", "fwe"], [512], 1, seed=5)
+    configs = [parse_config("session-context"), parse_config("session-question")]
+    batched = run_sessions(engine, samples, configs, chunk_tokens=1000)  # both documents in one batch
+    assert len(batched) == 4 and all(r["chunk_size"] == 2 for r in batched)
+    assert {r["config"]: r["prefill_shared_with"] for r in batched} == {"session-context": "session-question",
+                                                                         "session-question": None}
+    for cfg in configs:
+        recs = {r["task"]: r for r in batched if r["config"] == cfg.key}
+        for s in samples:
+            rec = recs[s.task]
+            with engine.document(s.document_ids, lazy=cfg.lazy(), mode=cfg.mode, template=False) as doc:
+                out = doc.ask(s.question_ids, max_new_tokens=s.max_new_tokens)
+            assert rec["lazy_layers"] == out.lazy_layers and len(out.lazy_layers) == 15
+            assert out.text.startswith(rec["output"]) and rec["all"] == string_match_all(out.text, s.answers)
+
+
+def test_eval_ruler_end_to_end(cli_engine, tmp_path):
+    """2 tasks x 1 length on the default model: every harness config, a session config (its documents
+    prefilled and decoded together through ``Engine.documents``), the tables and the heatmap."""
     out = tmp_path / "ruler"
     configs = "full,peak50,random50,streaming,session-question"
     assert cli.main(["eval", "ruler", "--lengths", "512", "--n", "2", "--tasks", "niah_single_1,vt",
@@ -154,6 +185,8 @@ def test_eval_ruler_end_to_end(cli_engine, tmp_path, monkeypatch):
     assert all(r["lazy_layers"] == [] for r in full)
     assert all(len(r["lazy_layers"]) == 15 for r in data["records"] if r["config"] in ("peak50", "random50"))
     assert all(len(r["lazy_layers"]) == 30 for r in data["records"] if r["config"] == "streaming")
+    sessions = [r for r in data["records"] if r["config"] == "session-question"]
+    assert len(sessions) == 4 and all(r["chunk_size"] == 4 and len(r["lazy_layers"]) == 15 for r in sessions)
     assert all(0 <= r["all"] <= r["part"] <= 1 for r in data["records"])
     cell = data["summary"]["cells"]["full"]["niah_single_1"]["512"]
     assert cell["n"] == 2 and cell["lo"] <= cell["score"] <= cell["hi"]
@@ -161,9 +194,6 @@ def test_eval_ruler_end_to_end(cli_engine, tmp_path, monkeypatch):
     md = (out / "ruler.md").read_text()
     assert "| full |" in md and "### 512 tokens" in md and "| **average** |" in md
     assert_png(out / "ruler.png")
-    if asked:  # the stand-in ran: each sample's document and question, in the config's mode
-        assert len(asked) == 4 and all(m == "question" for _, _, m, _ in asked)
-        assert all(doc.startswith(("Some special magic", "Memorize")) for doc, _, _, _ in asked)
 
 
 def test_eval_ruler_reports_missing_sessions_as_skipped(cli_engine, tmp_path, monkeypatch):

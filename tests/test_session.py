@@ -237,9 +237,9 @@ def test_cascade_decode_matches_the_paged_runner(mode):
         handles = [x.handle for x in seqs]
         toks = torch.tensor([x.tokens[-1] for x in seqs])
         pos = torch.tensor([x.length - 1 for x in seqs])
-        cascade = s._decode(handles, toks, pos)  # writes the same K/V to the same slots as the next call
+        cascade = s._cascade(handles, toks, pos)  # writes the same K/V to the same slots as the next call
         paged = s.runner.decode(handles, toks, pos)
-    assert isinstance(s._decode, SharedPrefixDecode)
+    assert isinstance(s._cascade, SharedPrefixDecode)
     torch.testing.assert_close(cascade, paged, rtol=1e-5, atol=1e-5)
 
 

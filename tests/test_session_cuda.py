@@ -53,3 +53,26 @@ def test_sharing_and_close_on_cuda_bf16(mode):
     while s.has_unfinished():
         s.step()
     assert engine.runner.used == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_documents_batch_matches_one_session_at_a_time_on_cuda(family):
+    # questions of several documents decoded as one batch by the paged runner (CUDA graphs)
+    engine = _engine(family)
+    docs = random_prompts(25, [400, 250, 330])
+    qs = random_prompts(26, [12, 30, 9])
+    for mode in ("question", "context"):
+        alone = []
+        for d, q in zip(docs, qs):
+            with engine.document(d, template=False, lazy=LAZY, mode=mode) as s:
+                alone.append(s.ask(q, max_new_tokens=20))
+        with engine.documents(docs, template=False, lazy=LAZY, mode=mode) as batch:
+            outs = batch.ask(qs, max_new_tokens=20)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in alone], mode
+        assert [o.lazy_layers for o in outs] == [o.lazy_layers for o in alone], mode
+    with engine.documents(docs, template=False, lazy=LAZY, mode="question") as batch:
+        with batch.context_view() as view:  # context mode on the question-mode prefill
+            views = view.ask(qs, max_new_tokens=20)
+    assert [o.token_ids for o in views] == [o.token_ids for o in alone]  # the loop's last mode: context
+    assert engine.runner.used == 0
+    assert engine.runner.graphs and any(st["graph"] is not None for st in engine.runner._static.values())

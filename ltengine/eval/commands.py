@@ -144,9 +144,11 @@ def grid_from_args(args, num_layers: int | None = None) -> list[EvalConfig]:
 
 
 def ruler(engine, out_dir, tasks: list[str], lengths: list[int], n: int, configs: list, seed: int = 0,
-          chunk: int = 4, args: dict | None = None, stem: str = "ruler", workers: int = 1) -> dict:
+          chunk: int = 4, args: dict | None = None, stem: str = "ruler", workers: int = 1,
+          session_tokens: int | None = None) -> dict:
     """RULER tasks x lengths x configs (``ruler_configs.RulerConfig``): harness configs from one shared
-    prefill per prompt, session configs through ``Engine.document`` (skipped with the reason if absent)."""
+    prefill per prompt, session configs through ``Engine.documents``, ``session_tokens`` prompt tokens
+    of documents per batch (``ruler.run_sessions``; skipped with the reason if absent)."""
     from . import ruler as rl
     from .ruler_report import write as write_ruler
 
@@ -168,7 +170,7 @@ def ruler(engine, out_dir, tasks: list[str], lengths: list[int], n: int, configs
     if why:
         skipped = {c.key: why for c in sessions}
     elif sessions:
-        records += rl.run_sessions(engine, samples, sessions)
+        records += rl.run_sessions(engine, samples, sessions, session_tokens)
     meta = _meta(engine, args or {}, t0)
     meta.update(seed=seed, generate_s=round(t_gen, 2), samples=[dict(task=s.task, length=s.length, index=s.index, prompt_tokens=len(s.ids),
                                          answers=s.answers) for s in samples])

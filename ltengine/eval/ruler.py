@@ -6,9 +6,10 @@ a chunk of prompts decodes together as one padded batch (``ruler_decode.batched_
 sequence finishing at EOS, at its task's ``max_new_tokens``, or once every answer is in its text
 (RULER's ``string_match_all`` cannot change after that). The batch runs other matrix shapes and a
 plain matmul attention instead of the backend's kernels, so a near-tie can resolve differently from
-``Engine.generate`` (the per-prompt passkey harness is the bit-exact one). Session configs prefill the document once per config through ``Engine.document``
-and ask the question; they are reported as skipped (with the reason) where the engine has no
-``document``.
+``Engine.generate`` (the per-prompt passkey harness is the bit-exact one). Session configs prefill each
+document through ``Engine.documents`` (many documents per batch; one prefill serves both modes) and
+decode the questions as one batch across the documents (``ruler_sessions.run_sessions``); they are
+reported as skipped (with the reason) where the engine has no ``documents``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from tqdm.auto import tqdm
 from .harness import shared_prefill
 from .ruler_decode import Job, batched_greedy
 from .ruler_configs import RulerConfig
-from .ruler_tasks import RulerSample, make_sample, novel_sentences, novel_words, string_match_all, string_match_part
+from .ruler_sessions import run_sessions  # noqa: F401 - commands.ruler runs the session configs through it
+from .ruler_prompt import record
+from .ruler_tasks import RulerSample, make_sample, novel_sentences, novel_words
 
 
 _TOKENIZER = None  # the forked workers' tokenizer (inherited, never pickled)
@@ -47,12 +50,6 @@ def make_samples(tokenizer, tasks: list[str], lengths: list[int], n: int, seed: 
             return list(pool.map(_make, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
     finally:
         _TOKENIZER = None
-
-
-def _record(s: RulerSample, cfg: RulerConfig, text: str, layers, extra: dict) -> dict:
-    return dict(task=s.task, length=s.length, sample=s.index, config=cfg.key, prompt_tokens=len(s.ids),
-                answers=s.answers, output=text, lazy_layers=list(layers), all=string_match_all(text, s.answers),
-                part=string_match_part(text, s.answers), **extra)
 
 
 def run_harness(engine, samples: list[RulerSample], configs: list[RulerConfig], chunk: int = 4,
@@ -85,7 +82,7 @@ def run_harness(engine, samples: list[RulerSample], configs: list[RulerConfig], 
             sp.release()
         t_decode = time.perf_counter() - t0 - t_prefill
         for s, cfg, layers, j, window in plan:
-            records.append(_record(s, cfg, decode(outs[j]), layers,
+            records.append(record(s, cfg.key, decode(outs[j]), layers,
                                    dict(window=window, chunk_prefill_s=round(t_prefill, 3),
                                         chunk_decode_s=round(t_decode, 3))))
         bar.update(len(group))
@@ -112,25 +109,6 @@ def run_engine(engine, samples: list[RulerSample], configs: list[RulerConfig], c
 
 def sessions_missing(engine) -> str | None:
     """Why session configs cannot run on this engine, or None."""
-    if not callable(getattr(type(engine), "document", None)):
-        return "Engine.document is missing (document sessions, issue #13 part 1, are not in this build)"
+    if not callable(getattr(type(engine), "documents", None)):
+        return "Engine.documents is missing (document sessions, issue #13 part 1, are not in this build)"
     return None
-
-
-def run_sessions(engine, samples: list[RulerSample], configs: list[RulerConfig], desc: str = "sessions") -> list[dict]:
-    """Records for session configs: per sample and config, ``engine.document`` on the sample's prompt
-    up to its question (token ids, ``template=False``: the very prompt the harness configs see), then
-    ``.ask`` of the question's tokens (question, the template's end, the answer prefix), greedily. So
-    ``session-full`` is the harness's ``full`` decoded through a session."""
-    records = []
-    for cfg in configs:
-        for s in tqdm(samples, desc=f"{desc} {cfg.key}", unit="prompt"):
-            t0 = time.perf_counter()
-            doc = engine.document(s.document_ids, lazy=cfg.lazy(), mode=cfg.mode, template=False)
-            try:
-                out = doc.ask(s.question_ids, max_new_tokens=s.max_new_tokens)
-            finally:
-                doc.close()
-            layers = getattr(out, "lazy_layers", None) or []
-            records.append(_record(s, cfg, out.text, layers, dict(session_s=round(time.perf_counter() - t0, 3))))
-    return records

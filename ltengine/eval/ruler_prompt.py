@@ -170,3 +170,10 @@ def string_match_part(pred: str, answers: list[str]) -> float:
     """RULER's QA metric: 1 if any answer is found in the output."""
     p = pred.lower()
     return float(any(a.lower() in p for a in answers))
+
+
+def record(s: RulerSample, config: str, text: str, layers, extra: dict) -> dict:
+    """One scored output: the sample, the config's name, the text, its lazy layers and both RULER scores."""
+    return dict(task=s.task, length=s.length, sample=s.index, config=config, prompt_tokens=len(s.ids),
+                answers=s.answers, output=text, lazy_layers=list(layers), all=string_match_all(text, s.answers),
+                part=string_match_part(text, s.answers), **extra)

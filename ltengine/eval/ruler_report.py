@@ -104,17 +104,32 @@ def write(out_dir: str | Path, records: list[dict], configs: list[str], tasks: l
 
 
 def merge(json_paths: list[str | Path], out_dir: str | Path, stem: str = "ruler") -> dict[str, Path]:
-    """One table from several ``ruler.json`` runs of the same tasks, configs and N (e.g. one per
-    length, run as separate processes so a time limit loses only the unfinished lengths)."""
+    """One table from several ``ruler.json`` runs of the same tasks and N: one per length (run as
+    separate processes so a time limit loses only the unfinished lengths), or other configs of the same
+    samples (e.g. the session columns beside the main table's). Configs in order of first appearance;
+    a (config, length) cell that two runs both hold is an error, as are different tasks or N."""
     import json
 
     runs = [json.loads(Path(p).read_text()) for p in json_paths]
     if not runs:
         raise ValueError("merge needs at least one ruler.json")
     first = runs[0]
+    for p, r in zip(json_paths, runs):
+        if r["n"] != first["n"] or list(r["tasks"]) != list(first["tasks"]):
+            raise ValueError(f"{p}: N = {r['n']} over tasks {r['tasks']}, but {json_paths[0]} has N = {first['n']} "
+                             f"over {first['tasks']}; merge joins runs of the same tasks and N")
+    seen: dict = {}
+    for p, r in zip(json_paths, runs):
+        for c in (c for c in r["configs"] if c not in r["skipped"]):
+            for L in r["lengths"]:
+                if (c, L) in seen:
+                    raise ValueError(f"{p} and {seen[(c, L)]} both hold config {c!r} at length {L}")
+                seen[(c, L)] = p
+    configs = list(dict.fromkeys(c for r in runs for c in r["configs"]))
     lengths = sorted({L for r in runs for L in r["lengths"]})
     records = [rec for r in runs for rec in r["records"]]
-    skipped = {k: v for r in runs for k, v in r["skipped"].items()}
+    ran = {rec["config"] for rec in records}
+    skipped = {k: v for r in runs for k, v in r["skipped"].items() if k not in ran}
     meta = dict(merged_from=[str(p) for p in json_paths], runtime_s=sum(r.get("runtime_s", 0) for r in runs),
                 model=first.get("model"), date=first.get("date"), torch=first.get("torch"), seed=first.get("seed"))
-    return write(out_dir, records, first["configs"], first["tasks"], lengths, first["n"], skipped, meta, stem)
+    return write(out_dir, records, configs, first["tasks"], lengths, first["n"], skipped, meta, stem)

@@ -7,7 +7,9 @@ block_size`` blocks) are attended by the whole batch in one matmul over a view o
 when the blocks are consecutive, as a fresh prefill allocates them), each question's own part (its
 copied partial block, its tokens, or its lazy ring) is gathered on its own, and the two parts meet in
 one softmax: cascade attention. Rows, writes and positions are the paged runner's; only the
-attention is split. The CUDA path keeps the paged runner's Triton decode and CUDA graphs.
+attention is split. Questions on several documents decode in one step through ``cascade_decode``
+(projections and MLPs once for the batch, the cascade per document). The CUDA path keeps the paged
+runner's Triton decode and CUDA graphs.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from .paged import PagedRunner, PagedSeq
 
 
 class SharedPrefixDecode:
-    """``decode(seqs, tokens [B], positions [B]) -> logits [B, V]`` for ``PagedSeq`` forks of ``prefix``."""
+    """``decode(seqs, tokens [B], positions [B]) -> logits [B, V]`` for ``PagedSeq`` forks of ``prefix``
+    (forks of several prefixes in one step: ``cascade_decode``)."""
 
     def __init__(self, runner: PagedRunner, prefix: PagedSeq, prefix_len: int):
         self.runner = runner
@@ -50,34 +53,17 @@ class SharedPrefixDecode:
         k, v = pool.k[where], pool.v[where]  # [nb, BS, H_kv, D]
         return k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
 
-    @torch.inference_mode()
     def __call__(self, seqs: list[PagedSeq], tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        r = self.runner
-        a, bs = r.adapter, r.pool.block_size
-        b = len(seqs)
-        live = {id(s) for s in seqs}
-        self._tables = {k: t for k, t in self._tables.items() if k in live}
-        tables = [self._table(s) for s in seqs]
-        pos = positions.tolist()
-        h = a.embed(tokens.view(b, 1))
-        cos, sin = a.rope(h, positions.view(b, 1))
-        for i in range(a.shape.num_layers):
-            q, k, v = a.qkv(i, h, cos, sin)  # [B, 1, H, D]
-            own = []  # per row: the slots it attends outside the shared blocks, its own token's included
-            for s, p in zip(seqs, pos):
-                if s.lazy[i]:
-                    ring = s.sink + s.window
-                    slot = p if p < s.sink else s.sink + (p - s.sink) % s.window
-                    own.append((slot, torch.arange(min(p + 1, ring))))
-                else:
-                    own.append((p, torch.arange(self.shared_len if self.shared[i] is not None else 0, p + 1)))
-            flat_k, flat_v = r.flat()
-            write = torch.stack([t[i][slot // bs] * bs + slot % bs for t, (slot, _) in zip(tables, own)])
-            flat_k.index_copy_(0, write, k[:, 0])
-            flat_v.index_copy_(0, write, v[:, 0])
-            o = self._attend(i, q[:, 0], seqs, [(t[i], slots) for t, (_, slots) in zip(tables, own)], flat_k, flat_v)
-            h = a.finish_layer(i, h, o.reshape(b, 1, -1))
-        return a.logits(h[:, -1])
+        return cascade_decode([(self, seqs)], tokens, positions)
+
+    def _own(self, layer: int, seq: PagedSeq, p: int) -> tuple[int, torch.Tensor]:
+        """A row's write slot at position ``p`` and the slots it attends outside the shared blocks
+        (its own token's included)."""
+        if seq.lazy[layer]:
+            ring = seq.sink + seq.window
+            slot = p if p < seq.sink else seq.sink + (p - seq.sink) % seq.window
+            return slot, torch.arange(min(p + 1, ring))
+        return p, torch.arange(self.shared_len if self.shared[layer] is not None else 0, p + 1)
 
     def _attend(self, layer: int, q: torch.Tensor, seqs, own, flat_k, flat_v) -> torch.Tensor:
         """q ``[B, H_q, D]`` -> ``[B, H_q, D]``: one softmax over the shared keys (rows of full layers)
@@ -112,3 +98,38 @@ class SharedPrefixDecode:
         out = torch.matmul(ps, sv.permute(1, 0, 2)).view(h_kv, b, g, d).permute(1, 0, 2, 3)
         out = out + probs[..., t:] @ ov
         return out.reshape(b, h_q, d).to(q.dtype)
+
+
+@torch.inference_mode()
+def cascade_decode(groups: list[tuple[SharedPrefixDecode, list[PagedSeq]]], tokens: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+    """One decode step for the forks of several prefixes (one runner), the rows in group order:
+    ``tokens``/``positions [B]`` -> logits ``[B, V]``. Embedding, projections and MLPs run once for
+    the whole batch; attention runs per prefix (its shared blocks read once for its rows)."""
+    r = groups[0][0].runner
+    a, bs = r.adapter, r.pool.block_size
+    rows = [(dec, s) for dec, g in groups for s in g]
+    b = len(rows)
+    for dec, g in groups:
+        live = {id(s) for s in g}
+        dec._tables = {k: t for k, t in dec._tables.items() if k in live}
+    tables = [dec._table(s) for dec, s in rows]
+    pos = positions.tolist()
+    h = a.embed(tokens.view(b, 1))
+    cos, sin = a.rope(h, positions.view(b, 1))
+    for i in range(a.shape.num_layers):
+        q, k, v = a.qkv(i, h, cos, sin)  # [B, 1, H, D]
+        own = [dec._own(i, s, p) for (dec, s), p in zip(rows, pos)]
+        flat_k, flat_v = r.flat()
+        write = torch.stack([t[i][slot // bs] * bs + slot % bs for t, (slot, _) in zip(tables, own)])
+        flat_k.index_copy_(0, write, k[:, 0])
+        flat_v.index_copy_(0, write, v[:, 0])
+        outs, at = [], 0
+        for dec, g in groups:
+            part = slice(at, at + len(g))
+            outs.append(dec._attend(i, q[part, 0], g, [(t[i], slots) for t, (_, slots) in zip(tables[part], own[part])],
+                                    flat_k, flat_v))
+            at += len(g)
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        h = a.finish_layer(i, h, o.reshape(b, 1, -1))
+    return a.logits(h[:, -1])

@@ -4,7 +4,8 @@ Per sequence and layer, a list of pool blocks in slot order. A full layer's slot
 lazy layer's slot is ``ring_slot(p, sink, window)``. A sequence is admitted with room for its prompt
 and a block of decode tokens, and ``grow`` adds blocks as decode crosses block boundaries. Decode
 builds, once per batch change, tensors ``tables [L, B, MB]``, ``lazy [L, B]`` and per-row sink and
-window on the device (grown blocks are patched in); each step then computes write slots, the valid
+window on the device (grown blocks are patched in; a batch that only lost rows, as when requests
+finish, is gathered from the last one's on the device); each step then computes write slots, the valid
 prefix of each cache and the attention on the device with no host sync inside the step, and can be
 captured in a CUDA graph per batch-size bucket.
 
@@ -109,6 +110,7 @@ class PagedRunner(Runner):
         self.fused = adapter.fused_weights() if fast else None
         self.attn_name = backend.impl_for("paged_decode", pool.dtype, s.head_dim)
         self._batch: tuple | None = None
+        self._last: tuple[list[PagedSeq], dict] | None = None  # the last decode batch and its tensors
         self._dirty: list[tuple[PagedSeq, int, int, int]] = []  # (seq, layer, index, block) grown since
         self._static: dict[int, dict] = {}
 
@@ -301,6 +303,32 @@ class PagedRunner(Runner):
         st["logits"].copy_(a.model.lm_head(normed).float())
         return st["logits"]
 
+    def _kept_rows(self, seqs: list[PagedSeq]) -> list[int] | None:
+        """Each sequence's row in the last decode batch, or None when one was not in it. The last
+        batch's sequences are held (``_last``), so an ``id`` names one object; a sequence's tables
+        change only by growth, which ``_dirty`` patches (a swapped-in sequence is a new object)."""
+        if self._last is None:
+            return None
+        last = {id(s): r for r, s in enumerate(self._last[0])}
+        rows = [last.get(id(s)) for s in seqs]
+        return None if None in rows else rows
+
+    def _gather_rows(self, st: dict, keep: list[int]) -> None:
+        """``st``'s tables, lazy flags, sinks and windows: the last batch's rows ``keep``, then pad rows."""
+        old = self._last[1]
+        b, dev = len(keep), self.pool.k.device
+        idx = torch.tensor(keep, dtype=torch.long, device=dev)
+        rows = {"tables": old["tables"].index_select(1, idx), "lazy": old["lazy"].index_select(1, idx),
+                "sink": old["sink"].index_select(0, idx), "window": old["window"].index_select(0, idx)}
+        st["tables"][:, b:] = self.scratch
+        st["lazy"][:, b:] = False
+        st["sink"][b:] = 1
+        st["window"][b:] = 1
+        st["tables"][:, :b] = rows["tables"]
+        st["lazy"][:, :b] = rows["lazy"]
+        st["sink"][:b] = rows["sink"]
+        st["window"][:b] = rows["window"]
+
     def _static_for(self, bucket: int) -> dict:
         st = self._static.get(bucket)
         if st is None:
@@ -319,12 +347,18 @@ class PagedRunner(Runner):
         bucket = self._bucket(b)
         st = self._static_for(bucket)
         key = (bucket, tuple(id(s) for s in seqs))
+        stale = bool(self._dirty)
         if self._batch != key:
-            fresh = self._state(seqs, bucket)
-            for name in ("tables", "lazy", "sink", "window"):
-                st[name].copy_(fresh[name])
-            self._batch = key
-        elif self._dirty:  # blocks grown since the tables were built: patch them in
+            keep = self._kept_rows(seqs)
+            if keep is None:  # built from the block lists (grown blocks included): nothing to patch
+                fresh = self._state(seqs, bucket)
+                for name in ("tables", "lazy", "sink", "window"):
+                    st[name].copy_(fresh[name])
+                stale = False
+            else:  # rows left the last batch: the rest are gathered on the device, no host rebuild
+                self._gather_rows(st, keep)
+            self._batch, self._last = key, (list(seqs), st)
+        if stale:  # blocks grown since the tables were built: patch them in
             rows = {id(s): r for r, s in enumerate(seqs)}
             patch = [(layer, rows[id(s)], j, blk) for s, layer, j, blk in self._dirty if id(s) in rows]
             if patch:

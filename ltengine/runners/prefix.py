@@ -12,7 +12,8 @@ states are those of one prefill of prefix + question.
 ``fork`` then builds the question's own ``PagedSeq``: in a full layer the prefix's whole blocks are
 shared (one more reference each in the pool), its partly filled last block is copied and fresh
 blocks follow, so the question never writes into a shared block; in a lazy layer the question gets
-its own ring holding sink + the last window of (prefix + question).
+its own ring holding sink + the last window of (prefix + question). ``demoted_view`` gives a full
+prefix a second, context-scored face without a second prefill: the same blocks, some layers as rings.
 """
 from __future__ import annotations
 
@@ -147,5 +148,35 @@ def fork(runner: PagedRunner, prefix: PagedSeq, prefix_len: int, result: PrefixR
         flat_k.index_copy_(0, rows, k)
         flat_v.index_copy_(0, rows, v)
         seq.lazy.append(i in result.lazy)
+    runner._batch = None
+    return seq
+
+
+@torch.inference_mode()
+def demoted_view(runner: PagedRunner, prefix: PagedSeq, length: int, lazy: set[int]) -> PagedSeq:
+    """A read-only view of a prefix of ``length`` tokens with the layers ``lazy`` as sink + window:
+    what demoting them in place during its prefill would have left (prefill attends fully in every
+    layer either way, so the hidden states, the K/V and the scores are the same). Every other layer
+    shares the prefix's blocks (one more reference each); each newly lazy layer gets a ring of its own
+    holding the sink and the last window. Raises ``PoolExhausted`` with nothing taken."""
+    pool, dev = runner.pool, runner.pool.k.device
+    sink, window = prefix.sink, prefix.window
+    fresh = [i in lazy and not z for i, z in enumerate(prefix.lazy)]
+    ring = pool.blocks_for(min(length, sink + window))
+    own = iter(pool.alloc(ring * sum(fresh)))
+    seq = PagedSeq(sink, window, [], [], prefix.room)
+    flat_k, flat_v = runner.flat()
+    pos = _positions_kept(length, sink, window, dev)
+    for i, blocks in enumerate(prefix.blocks):
+        if fresh[i]:
+            mine = [next(own) for _ in range(ring)]
+            src, dst = _rows(runner, blocks, pos), _rows(runner, mine, _slots(pos, True, sink, window))
+            flat_k.index_copy_(0, dst, flat_k.index_select(0, src))
+            flat_v.index_copy_(0, dst, flat_v.index_select(0, src))
+            seq.blocks.append(mine)
+        else:
+            pool.share(blocks)
+            seq.blocks.append(list(blocks))
+        seq.lazy.append(prefix.lazy[i] or fresh[i])
     runner._batch = None
     return seq
