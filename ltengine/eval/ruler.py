@@ -103,7 +103,7 @@ def run_engine(engine, samples: list[RulerSample], configs: list[RulerConfig], c
             outs = engine.generate([s.ids for s in group], max_new_tokens=[s.max_new_tokens for s in group], lazy=lazy)
             wall = round(time.perf_counter() - t0, 3)
             for s, out in zip(group, outs):
-                records.append(_record(s, cfg, out.text, out.lazy_layers or [], dict(chunk_s=wall)))
+                records.append(record(s, cfg.key, out.text, out.lazy_layers or [], dict(chunk_s=wall)))
     return records
 
 
