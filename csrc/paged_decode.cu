@@ -21,10 +21,11 @@
 //    head whatever G is. Each warp streams its own 16 keys per step through an S-stage cp.async ring in
 //    shared memory (16-byte copies straight from the pool's blocks, zero-filled past the row's end), so
 //    S - 1 steps of K and V are in flight while it computes; fragments are read back with 16-byte
-//    (8-byte for fp8) shared loads from swizzled rows, conflict-free. The reduction index of Q.K^T and
-//    the output columns of P.V are permuted so that a thread's operands are 8 consecutive d. fp8 pools
-//    run fp16 MMAs: e4m3 converts to fp16 exactly (cvt.f16x2.e4m3x2), q is pre-scaled by the softmax
-//    scale and rounded to fp16.
+//    (8-byte for fp8) shared loads from swizzled rows, conflict-free (but for fp8 at D <= 64: 2-way). The
+//    reduction index of Q.K^T and the output columns of P.V are permuted so that a thread's operands are
+//    8 consecutive d. fp8 pools run fp16 MMAs: e4m3 converts to fp16 exactly (cvt.f16x2.e4m3x2); an fp16
+//    q is read as is, a bf16 / fp32 q pre-scaled by the softmax scale and rounded to fp16 (saturating);
+//    P times a value's scale enters the P.V MMA times 2^8, so small-magnitude rows stay normal fp16.
 //  * simt: fp32 (exact fp32 dots, no TF32). 8 lanes per key, 4 keys per warp step, each lane holding NV
 //    16-byte vectors of the row; up to GT query heads per CTA; warp-uniform loop bounds.
 #include <ATen/ATen.h>
@@ -55,6 +56,7 @@ constexpr int kCtaN = kWarps * kBlockN;  // chunk sizes are multiples of this
 constexpr int kRowChunks = 64;           // a row is cut into at most this many chunks
 constexpr int kMinChunk = 128;           // default fewest keys per chunk
 constexpr int kProgramsPerSM = 16;       // default target chunks per SM (all kv heads together)
+constexpr float kFp8PvMul = 256.f;       // fp8 pools: P * v_scale is scaled by this in the fp16 MMA (update())
 
 struct PagedParams {
   const void* q;
@@ -228,6 +230,9 @@ __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x)
 template <>
 __device__ __forceinline__ float to_f<float>(float x) { return x; }
 
+// Clamp to fp16's finite range (a converted q: saturates instead of becoming inf, then NaN).
+__device__ __forceinline__ float sat16(float x) { return fminf(fmaxf(x, -65504.f), 65504.f); }
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -358,7 +363,7 @@ struct WarpAttn {
       } else {
         uint32_t* w = reinterpret_cast<uint32_t*>(&r);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) w[e] = Mma<T>::pack(to_f(src[2 * e]) * p.q_mul, to_f(src[2 * e + 1]) * p.q_mul);
+        for (int e = 0; e < 4; ++e) w[e] = Mma<T>::pack(sat16(to_f(src[2 * e]) * p.q_mul), sat16(to_f(src[2 * e + 1]) * p.q_mul));
       }
       return r;
     };
@@ -438,12 +443,15 @@ struct WarpAttn {
     l0 = l0 * corr0 + (ps[0][0] + ps[0][1] + ps[1][0] + ps[1][1]);
     l1 = l1 * corr1 + (ps[0][2] + ps[0][3] + ps[1][2] + ps[1][3]);
     if constexpr (Tile::kFp8) {
+      // p * v_scale goes into the fp16 MMA times kFp8PvMul (finish() divides it out): v_scale = amax / 448,
+      // so without it a row of amax < ~1 puts p * v_scale under fp16's smallest normal (6.1e-5), where it
+      // keeps only a few bits or flushes to zero; 2^8 is exact, and overflows only past amax ~ 1.1e5.
       const float* vs = ks + 16;
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float w = vs[8 * u + 2 * c + e];
+          const float w = vs[8 * u + 2 * c + e] * kFp8PvMul;
           ps[u][e] *= w;
           ps[u][2 + e] *= w;
         }
@@ -477,9 +485,10 @@ struct WarpAttn {
     }
   }
 
-  // Merge the CTA's warps through shared memory and store this chunk's partial.
+  // Merge the CTA's warps through shared memory and store this chunk's partial; acc_mul undoes a scaling
+  // of P (kFp8PvMul for fp8 tiles, else 1).
   __device__ __forceinline__ void finish(const PagedParams& p, float* smem, int warp, int g, int c, int head0, int rows,
-                                         int chunk) {
+                                         int chunk, float acc_mul) {
     constexpr int kRow = DP + 4;  // padded row (floats)
     float* sm_acc = smem;                     // [kWarps][16][kRow]
     float* sm_m = smem + kWarps * 16 * kRow;  // [kWarps][16]
@@ -500,8 +509,8 @@ struct WarpAttn {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int d = 64 * (t / 8) + 8 * (2 * c + e) + t % 8;  // accumulator column 2c + e of n-tile t
-        sm_acc[(warp * 16 + g) * kRow + d] = acc[t][e];
-        sm_acc[(warp * 16 + g + 8) * kRow + d] = acc[t][2 + e];
+        sm_acc[(warp * 16 + g) * kRow + d] = acc[t][e] * acc_mul;
+        sm_acc[(warp * 16 + g + 8) * kRow + d] = acc[t][2 + e] * acc_mul;
       }
     }
     __syncthreads();
@@ -617,7 +626,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : S == 2 ? 3 : 2) page
   }
   cp_wait<0>();
   __syncthreads();  // the ring becomes the epilogue's buffer
-  st.finish(p, reinterpret_cast<float*>(smem), warp, g, c, head0, rows, chunk);
+  st.finish(p, reinterpret_cast<float*>(smem), warp, g, c, head0, rows, chunk, Tile::kFp8 ? 1.f / kFp8PvMul : 1.f);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -947,8 +956,9 @@ at::Tensor paged_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_pool, c
   LT_CHECK(tables.size(1) >= 1 && tables.size(1) * BS < (int64_t{1} << 31), "paged_decode: table width ",
            tables.size(1), " x block size ", BS, " out of range");
   LT_CHECK(Hq / Hkv <= 65535 / Hkv && B < (1 << 20), "paged_decode: sizes too large: q ", q_in.sizes());
-  LT_CHECK(programs >= 0 && min_chunk >= 0, "paged_decode: programs and min_chunk must be >= 0 (0: default), got ",
-           programs, ", ", min_chunk);
+  LT_CHECK(programs >= 0 && programs <= 65535 && min_chunk >= 0 && min_chunk <= (int64_t{1} << 30),
+           "paged_decode: programs must be in [0, 65535] and min_chunk in [0, 2^30] (0: default), got ", programs, ", ",
+           min_chunk);
   LT_CHECK(stages >= 0 && stages <= 4 && stages != 1, "paged_decode: stages must be 0 (the default) or 2-4, got ",
            stages);
   check_aligned(k_pool, "k_pool");
@@ -969,7 +979,7 @@ at::Tensor paged_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_pool, c
   const at::Tensor q = q_in.stride(2) == 1 && (q_in.stride(1) * qes) % 16 == 0 && (q_in.stride(0) * qes) % 16 == 0 &&
                                reinterpret_cast<uintptr_t>(q_in.data_ptr()) % 16 == 0
                            ? q_in
-                           : q_in.contiguous();
+                           : q_in.clone(at::MemoryFormat::Contiguous);  // (a contiguous view can still be misaligned)
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   if (B == 0 || Hq == 0) return out;
   const c10::cuda::CUDAGuard guard(q.device());
