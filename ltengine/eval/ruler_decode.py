@@ -8,7 +8,9 @@ with one masked matmul-softmax-matmul per layer. Attention does not depend on th
 prompt keys and then the new ones, and the ring's eviction is a mask: key ``j`` of a lazy sequence is
 visible when ``j < sink`` or it is among the last ``window`` of ``[sink, length)``, exactly the keys
 ``SinkWindowKV`` holds. Full layers see ``[0, length)``. The numbers differ from the backend kernels
-only by rounding (``tests/test_ruler.py`` checks the tokens against ``harness.greedy``).
+only by rounding (``tests/test_ruler.py`` checks the tokens against ``harness.greedy``). An fp8 adapter
+(``kv_dtype="fp8"``) gets every K/V row as the fp8 pool would hold it: quantized per token and head and
+dequantized (``kernels/fp8.py``), prompt rows and decoded ones alike.
 """
 from __future__ import annotations
 
@@ -17,7 +19,13 @@ from typing import Callable
 
 import torch
 
+from ..kernels.fp8 import dequantize, is_fp8, quantize
 from .ruler_prompt import string_match_all
+
+
+def _stored(x: torch.Tensor, fp8: bool) -> torch.Tensor:
+    """``x`` [..., H_kv, D] as the KV pool returns it: through fp8 and its per-row scale when ``fp8``."""
+    return dequantize(*quantize(x), x.dtype) if fp8 else x
 
 
 @dataclass
@@ -35,7 +43,7 @@ class Job:
     answers: list[str]
 
 
-def _layer_buffers(jobs: list[Job], layer: int, room: int):
+def _layer_buffers(jobs: list[Job], layer: int, room: int, fp8: bool = False):
     """Padded K, V ``[B, H_kv, S, D]``, kept tokens ``[B]``, sink ``[B]`` and window ``[B]`` (0: full)."""
     kept = []
     for j in jobs:
@@ -45,7 +53,7 @@ def _layer_buffers(jobs: list[Job], layer: int, room: int):
             v = torch.cat([c.v[:j.sink], c.v[t - j.window:t]])
         else:
             k, v = c.k[:t], c.v[:t]
-        kept.append((k, v))
+        kept.append((_stored(k, fp8), _stored(v, fp8)))
     b, (h, d) = len(jobs), kept[0][0].shape[1:]
     s = max(len(k) for k, _ in kept) + room
     K = kept[0][0].new_zeros((b, h, s, d))
@@ -71,7 +79,8 @@ def batched_greedy(adapter, jobs: list[Job], eos_ids: set[int], decode: Callable
     bad = [j.window for j in jobs if j.lazy and j.window < steps]
     if bad:
         raise ValueError(f"window {bad[0]} is shorter than the {steps} decoded tokens; use a window >= {steps}")
-    buffers = [_layer_buffers(jobs, i, steps) for i in range(adapter.shape.num_layers)]
+    fp8 = is_fp8(adapter.kv_dtype)
+    buffers = [_layer_buffers(jobs, i, steps, fp8) for i in range(adapter.shape.num_layers)]
     b, dev = len(jobs), buffers[0][0].device
     rows = torch.arange(b, device=dev)
     tokens = [[int(j.logits.argmax())] for j in jobs]
@@ -91,8 +100,8 @@ def batched_greedy(adapter, jobs: list[Job], eos_ids: set[int], decode: Callable
         for i, (K, V, n, sink, window) in enumerate(buffers):
             q, k, v = adapter.qkv(i, h, cos, sin)  # [B, 1, H, D]
             end = n + step + 1  # keys [0, end) written, the new one at end - 1
-            K[rows, :, end - 1] = k[:, 0].to(K.dtype)
-            V[rows, :, end - 1] = v[:, 0].to(V.dtype)
+            K[rows, :, end - 1] = _stored(k[:, 0], fp8).to(K.dtype)
+            V[rows, :, end - 1] = _stored(v[:, 0], fp8).to(V.dtype)
             j = torch.arange(K.shape[2], device=dev).view(1, -1)
             lower = torch.where(window > 0, torch.maximum(sink, end - window), 0).view(-1, 1)
             visible = (j < sink.view(-1, 1)) | ((j >= lower) & (j < end.view(-1, 1)))  # [B, S]
