@@ -305,7 +305,8 @@ struct Tile16 {
 };
 
 // fp8 pools: rows of DP bytes in 32-byte granules, read as 8-byte pieces; the granule index is XOR-ed
-// with the row's low bits (K) or bits 1-2 (V), which spreads each 8-byte phase over all 32 banks.
+// with the row's low bits (K) or bits 1-2 (V), which spreads each 8-byte phase over all 32 banks
+// (DP 128, 256; at DP 64 a row is 64 bytes and the phases are 2-way conflicted: a known cost, not fixed).
 template <int DP>
 struct Tile8 {
   static constexpr bool kFp8 = true;
