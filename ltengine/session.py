@@ -41,7 +41,7 @@ from .runners.base import PrefillRequest
 from .runners.cascade import SharedPrefixDecode
 from .runners.prefix import fork, fork_blocks, prefill_on_prefix
 from .sequence import GenerationOutput, RequestOutput, Sequence, SequenceStatus
-from .session_batch import prefill_documents, step_sessions
+from .session_batch import answer_all, prefill_documents, step_sessions
 from .stepper import _sample, append_token
 
 MODES = ("context", "question")
@@ -290,21 +290,7 @@ class DocumentSession:
             raise ValueError(f"ask_many() needs a non-empty list of questions, got {questions!r:.80}")
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop if stop is not None else (),
                                 ignore_eos)
-        rids: list[str] = []
-        try:
-            for q in questions:
-                rids.append(self.add(q, params))
-            results: dict[str, GenerationOutput] = {}
-            while len(results) < len(rids):
-                for out in self.step():
-                    if out.finished and out.request_id in rids:
-                        results[out.request_id] = out.output
-                if not self.has_unfinished() and len(results) < len(rids):
-                    raise RuntimeError("ask_many: a question was aborted while it decoded")
-        finally:
-            for rid in rids:
-                self.abort(rid)  # no-op for the finished ones
-        return [results[rid] for rid in rids]
+        return answer_all(self, [(q,) for q in questions], params, "ask_many")
 
     def ask(self, question, max_new_tokens: int = 128, **kwargs) -> GenerationOutput:
         """Answer one question (text; token ids with template=False) on the document."""

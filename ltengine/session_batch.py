@@ -130,6 +130,29 @@ def context_view(session):
     return view
 
 
+def answer_all(owner, questions: list[tuple], params: SamplingParams, what: str) -> list[GenerationOutput]:
+    """Add each question (``owner.add(*args, params)``: a ``DocumentSession`` takes ``(question,)``, a
+    ``DocumentBatch`` ``(index, question)``), step ``owner`` until all of them finished, and return their
+    outputs in order; on the way out, however it ends, every question of this call still running is
+    aborted. ``what`` names the call in the error for a question aborted while it decoded."""
+    rids: list[str] = []
+    results: dict[str, GenerationOutput] = {}
+    try:
+        for args in questions:
+            rids.append(owner.add(*args, params))
+        wanted = set(rids)
+        while len(results) < len(rids):
+            for out in owner.step():
+                if out.finished and out.request_id in wanted:
+                    results[out.request_id] = out.output
+            if not owner.has_unfinished() and len(results) < len(rids):
+                raise RuntimeError(f"{what}: a question was aborted while it decoded")
+    finally:
+        for rid in rids:
+            owner.abort(rid)  # no-op for the finished ones
+    return [results[rid] for rid in rids]
+
+
 class DocumentBatch:
     """The sessions of several documents (``Engine.documents`` makes one), prefilled together.
 
@@ -223,22 +246,7 @@ class DocumentBatch:
             raise ValueError(f"ask() needs a list of one question per document ({len(self)}), got {got}")
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stop if stop is not None else (),
                                 ignore_eos)
-        rids: list[str] = []
-        results: dict[str, GenerationOutput] = {}
-        try:
-            for i, q in enumerate(questions):
-                rids.append(self.add(i, q, params))
-            wanted = set(rids)
-            while len(results) < len(rids):
-                for out in self.step():
-                    if out.finished and out.request_id in wanted:
-                        results[out.request_id] = out.output
-                if not self.has_unfinished() and len(results) < len(rids):
-                    raise RuntimeError("ask: a question was aborted while it decoded")
-        finally:
-            for rid in rids:
-                self.abort(rid)  # no-op for the finished ones
-        return [results[rid] for rid in rids]
+        return answer_all(self, [(i, q) for i, q in enumerate(questions)], params, "ask")
 
     def close(self) -> None:
         """No more questions on any document (``DocumentSession.close`` for each)."""
