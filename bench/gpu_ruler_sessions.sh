@@ -9,16 +9,7 @@
 # time left, the CUDA session and paged-runner tests (tests/test_session_cuda.py, tests/test_paged_cuda.py).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=20 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-/tmp/ltengine-out}; mkdir -p "$OUT"
-START=$(date +%s)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-if ! python3 -c "import gguf" 2>/dev/null; then
-  ls .whl/gguf-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --find-links .whl gguf
-  python3 -c "import gguf" 2>/dev/null || { echo "the gguf package is missing and .whl/ has no gguf wheel"; exit 2; }
-fi
-[ -f "${LTENGINE_GGUF:-}" ] || { echo "LTENGINE_GGUF must name the default model's .gguf file (got '${LTENGINE_GGUF:-}')"; exit 2; }
-export LTENGINE_CACHE=${LTENGINE_CACHE:-/tmp/ltengine-cache}
+source bench/ruler_env.sh  # OUT, START, versions, gguf, $LTENGINE_GGUF, LTENGINE_CACHE
 # the GGUF load (20-50 s) happens inside; the lengths end by START + RULER_SECONDS (default 270 s)
 DEADLINE=$(( START + ${RULER_SECONDS:-270} ))
 echo "setup took $(( $(date +%s) - START )) s; the session lengths end by $(date -u -d @$DEADLINE +%T) UTC"
