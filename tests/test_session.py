@@ -30,6 +30,24 @@ def _own_blocks(session, q_len: int, max_new: int, lazy_layers) -> int:
                            session.lazy.window) for i in range(session.engine.num_layers))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_questions_never_read_unwritten_pool_slots(mode):
+    """The whole pool is NaN before the document is prefilled (what ``torch.empty`` may hand out): the
+    answers are still the fresh ``generate``'s, so no attention reads a slot nothing wrote (nor multiplies
+    one by a zero probability)."""
+    engine = _engine("llama")
+    doc, *qs = random_prompts(4, [333, 12, 40, 1])
+    fresh = engine.generate([doc + q for q in qs], max_new_tokens=12)
+    with engine.document(doc, template=False, mode=mode) as s:
+        pool = s.runner.pool
+    pool.k.fill_(float("nan"))  # the runner's own padding block too: rows pad with it, masked
+    pool.v.fill_(float("nan"))
+    with engine.document(doc, template=False, mode=mode) as s:
+        assert s.runner.pool is pool
+        many = s.ask_many(qs, max_new_tokens=12)
+    assert [o.token_ids for o in many] == [o.token_ids for o in fresh]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_attention_is_token_exact_with_generate(family):
     engine = _engine(family)

@@ -82,7 +82,9 @@ class SharedPrefixDecode:
         rows, valid = rows.to(q.device), valid.to(q.device)
         qf = q.float().view(b, h_kv, g, d)
         ok = flat_k[rows].float().permute(0, 2, 3, 1)  # [B, H_kv, D, n]
-        ov = flat_v[rows].float().permute(0, 2, 1, 3)  # [B, H_kv, n, D]
+        # padding slots point at whatever row 0 of the pool holds (never written: any bits, NaN too); their
+        # scores are masked below, and their values zeroed here, since a zero probability times NaN is NaN
+        ov = flat_v[rows].float().masked_fill_(~valid[:, :, None, None], 0.0).permute(0, 2, 1, 3)  # [B, H_kv, n, D]
         scores = torch.matmul(qf, ok).mul_(scale).masked_fill_(~valid[:, None, None, :], float("-inf"))
         shared = self._shared_kv(layer)
         if shared is None:
