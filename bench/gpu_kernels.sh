@@ -6,7 +6,7 @@
 #      twins, the Triton kernels beside them, the backend's choice;
 #   4. bench/kernels.py: CUDA vs Triton paged decode (bf16 and fp8 pools) on the engine's shapes as % of
 #      the copy bandwidth measured in the same run, the CUDA kernel's schedule knobs, the truncation.
-#   bash bench/gpu_kernels.sh [--no-knobs]   (from the repo root; logs and kernels.json under $OUT)
+#   bash bench/gpu_kernels.sh [--no-knobs] [--breakdown]   (from the repo root; logs and kernels.json under $OUT)
 #   run(command="bash bench/gpu_kernels.sh", timeout_s=420)
 set -o pipefail
 export OUT=${OUT:-/tmp/ltengine_kernels}
@@ -14,7 +14,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 KNOBS=--knobs
-[ "${1:-}" = "--no-knobs" ] && KNOBS=
+EXTRA=()
+for a in "$@"; do case "$a" in --no-knobs) KNOBS= ;; *) EXTRA+=("$a") ;; esac; done
 
 {
 echo "== $(date -u +%FT%TZ)  $(nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader)"
@@ -64,6 +65,6 @@ grep -E "^SKIPPED" "$OUT/pytest.log" | head -10
 grep -A10 "slowest" "$OUT/pytest.log"
 
 echo "== bench"
-timeout 200 python3 bench/kernels.py $KNOBS
+LTENGINE_KERNEL_INFO=1 timeout 300 python3 bench/kernels.py $KNOBS "${EXTRA[@]}"
 echo "bench rc=$?"
 } 2>&1 | tee "$OUT/log"

@@ -2,7 +2,8 @@
 paged truncation, as % of the device-to-device copy bandwidth measured in the same run.
 
     python3 bench/kernels.py              (writes $OUT/kernels.json when OUT is set)
-    python3 bench/kernels.py --knobs      (also: the CUDA kernel's schedule knobs at each shape)
+    python3 bench/kernels.py --knobs      (also: both kernels' target chunks per SM at each shape)
+    python3 bench/kernels.py --breakdown  (also: each kernel's device time, from the profiler)
 
 Decode: bf16 and fp8 pools (e4m3 with per-row fp32 scales; bf16 queries), Llama-3-8B-shaped (32 q heads /
 8 kv heads, D 128), 64-token blocks at random places in the pool, 32 layers' calls in one CUDA graph (distinct blocks per layer while they fit 8 GB), median of
@@ -28,6 +29,8 @@ from paged_probe import graph_point, paged_case  # noqa: E402
 
 from ltengine.kernels import cuda as kcuda  # noqa: E402
 from ltengine.kernels.paged import paged_decode_triton, paged_truncate_ref_  # noqa: E402
+
+SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
 
 SHAPES = [  # name, real rows, keys, bucket, table width (blocks), short rows' keys, budget point
     ("full 1x8k", 1, 8448, 1, None, None, False),
@@ -70,16 +73,46 @@ def decode_table(bw: float, knobs: bool) -> list[dict]:
         cells = [f"{res[k] / 1e9:6.0f} GB/s {row[f'{k}_pct_copy']:5.1f}%" for k, _, _ in impls]
         print(f"{name:46s} {cells[0]} {cells[1]}  {res['cuda'] / res['triton']:5.2f}x      | {cells[2]} {cells[3]}  "
               f"{res['cuda_fp8'] / res['triton_fp8']:5.2f}x", flush=True)
-        if knobs:
+        if knobs:  # chunks per SM: the Triton kernel's target; the CUDA kernel's cap (default ~16, whole waves)
             sweep = {}
-            for per in (8, 16, 32):
-                for mc in (64, 128, 256):
-                    sweep[f"{per}/SM,min{mc}"] = 100 * graph_point(b, t, bucket, width, kcuda.paged_decode, short=short,
-                                                                 programs=per * 132, min_chunk=mc) / bw
-            row["cuda_knobs_pct_copy"] = sweep
-            print("    cuda knobs: " + "  ".join(f"{k} {v:.1f}%" for k, v in sweep.items()), flush=True)
+            for impl, fn, values in (("cuda", kcuda.paged_decode, (4, 8, 12, 16, 24, 32)),
+                                     ("triton", paged_decode_triton, (8, 20, 32))):
+                for per in values:
+                    sweep[f"{impl} {per}/SM"] = 100 * graph_point(b, t, bucket, width, fn, short=short,
+                                                                  programs=per * SMS) / bw
+            row["knobs_pct_copy"] = sweep
+            print("    knobs: " + "  ".join(f"{k} {v:.1f}%" for k, v in sweep.items()), flush=True)
         rows.append(row)
     return rows
+
+
+def breakdown(bw: float) -> list[dict]:
+    """Device time of each kernel (attention, combine) of both implementations at every bf16 shape, from
+    the profiler over 16 eager calls (tables rotating over distinct blocks, so nothing is re-read from
+    L2); the attention kernel's own % of copy bandwidth beside it."""
+    from torch.profiler import ProfilerActivity, profile
+    out = []
+    for name, b, t, bucket, width, short, _ in SHAPES:
+        copies = max(1, min(16, int(8e9 // (2 * b * t * 8 * 256))))
+        q, k, v, tables, n = paged_case(b, t, copies, bucket, width, short=short)
+        bytes_read = 2 * int(n.sum()) * 8 * 256
+        for impl, fn in (("triton", paged_decode_triton), ("cuda", kcuda.paged_decode)):
+            fn(q, k, v, tables[0], n, 0.1)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for i in range(16):
+                    fn(q, k, v, tables[i % copies], n, 0.1)
+                torch.cuda.synchronize()
+            kernels = sorted(((e.key, e.device_time_total / max(1, e.count)) for e in prof.key_averages()
+                              if e.device_time_total > 0 and e.count >= 16), key=lambda x: -x[1])
+            cells = "  ".join(f"{key[:34]} {us:7.1f} us" for key, us in kernels[:3])
+            main_us = kernels[0][1] if kernels else float("nan")
+            print(f"{name[:30]:30s} {impl:6s}: {cells}; first kernel {100 * bytes_read / (main_us * 1e-6) / bw:5.1f}% "
+                  "of copy", flush=True)
+            out.append({"shape": name, "impl": impl, "kernels_us": dict(kernels)})
+        del k, v
+        torch.cuda.empty_cache()
+    return out
 
 
 def other_dtypes(bw: float) -> list[dict]:
@@ -134,6 +167,8 @@ def main():
     result = {"device": torch.cuda.get_device_name(), "copy_gbs": bw / 1e9,
               "decode": decode_table(bw, "--knobs" in sys.argv), "other_dtypes": other_dtypes(bw),
               "truncate": truncate_table(bw)}
+    if "--breakdown" in sys.argv:
+        result["breakdown"] = breakdown(bw)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "kernels.json").write_text(json.dumps(result, indent=1))
 

@@ -6,13 +6,15 @@
 // fp8 pools (float8_e4m3fn) come with per-row fp32 scales [num_blocks, block_size, H_kv]: a key's scale
 // multiplies its score, a value's scale its probability (ltengine/kernels/paged.py, fp8.py).
 //
-// Balanced split-K (the schedule of ltengine/kernels/paged.py's Triton kernel): every CTA derives, from
-// n_valid alone, one chunk size `per` for the whole batch (total keys over the target chunks per KV
-// head, at least `min_chunk`, and no row in more than kRowChunks chunks; a multiple of kCtaN) and takes
-// the chunk numbered by blockIdx.x (chunks numbered in row order). A row gets chunks in proportion to
-// its keys, so full-length and sink + window rows of one layer keep the GPU evenly loaded. The grid is
-// fixed by (B, H_kv) alone: one CUDA graph serves any lengths. A second kernel merges each row's chunks
-// (output, log2-sum-exp); a row with no keys gets zeros.
+// Balanced split-K: every CTA derives, from n_valid alone, one chunk size `per` for the whole batch
+// (at least `min_chunk`, no row in more than kRowChunks chunks, a multiple of kCtaN) and takes the chunk
+// numbered by blockIdx.y (chunks numbered in row order). A row gets chunks in proportion to its keys, so
+// full-length and sink + window rows of one layer keep the GPU evenly loaded. Resident CTAs run in
+// lockstep waves of equal chunks, so `per` is chosen for whole waves (balanced_plan: the cheapest wave
+// count, then the smallest size that fits it), which is where this schedule parts from the Triton
+// kernel's (ltengine/kernels/paged.py: total keys over a fixed target). The grid is fixed by (B, H_kv)
+// alone: one CUDA graph serves any lengths. A second kernel merges each row's chunks (output,
+// log2-sum-exp) from the row plan the first kernel's CTA (0, 0) writes; a row with no keys gets zeros.
 //
 // Two attention kernels write the same partials:
 //  * mma: bf16/fp16 pools (D a multiple of 8) and fp8 pools (D a multiple of 16), D <= 256 padded to 64,
@@ -55,7 +57,8 @@ constexpr int kBlockN = 16;              // keys per warp per step (mma kernel)
 constexpr int kCtaN = kWarps * kBlockN;  // chunk sizes are multiples of this
 constexpr int kRowChunks = 64;           // a row is cut into at most this many chunks
 constexpr int kMinChunk = 128;           // default fewest keys per chunk
-constexpr int kProgramsPerSM = 16;       // default target chunks per SM (all kv heads together)
+constexpr int kProgramsPerSM = 12;       // default most chunks per SM (all kv heads together), in whole waves
+constexpr int kChunkCost = 2 * kCtaN;    // a chunk's fixed cost (plan, first loads, epilogue), in keys
 constexpr float kFp8PvMul = 256.f;       // fp8 pools: P * v_scale is scaled by this in the fp16 MMA (update())
 
 struct PagedParams {
@@ -69,7 +72,10 @@ struct PagedParams {
   const int32_t* n_valid;
   int64_t q_sb, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, t_sb;  // element strides; last dims contiguous
   int B, H_kv, G, m_tiles, D, bs, bs_shift, MB;                   // bs_shift: log2(bs), or -1
-  int tph, min_chunk, n_chunks;                                   // target chunks per kv head; grid x
+  int tph, min_chunk, n_chunks;  // most chunks per kv head (the cap); the grid's chunk dimension (tph + B)
+  int slots;                      // CTAs resident at once per (kv head, head tile): one wave
+  int32_t* row_plan;              // [B, 2]: each row's first chunk and chunk count, written by the
+                                  // attention kernel's CTA (0, 0) for the combine kernel
   float score_mul;   // multiplies a raw score into the log2 domain (exp2f): scale * log2(e), or log2(e)
                      // where q was pre-scaled (fp8 pools)
   float q_mul;       // multiplies q as it is converted to the MMA type (fp8 pools: the softmax scale)
@@ -98,7 +104,7 @@ __device__ __forceinline__ void slot_of(const PagedParams& p, const int32_t* tbl
 
 struct PlanSmem {
   long long sum[kWarps];
-  int mx[kWarps], scan[kWarps];
+  int mx[kWarps], nz[kWarps], cnt[2][kWarps], scan[kWarps];
   int row, first, count;
 };
 
@@ -106,25 +112,52 @@ struct Plan {
   int per, total, row, first, count;
 };
 
+// Chunks of `per` keys the whole batch takes: sum over rows of cdiv(n, per) (all threads must call; every
+// thread gets the same value). `buf` alternates between calls so one barrier per call suffices.
+__device__ __forceinline__ int count_chunks(const PagedParams& p, int per, PlanSmem& sm, int buf) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int ch = 0;
+  for (int r = tid; r < p.B; r += kThreads) ch += (load_n(p, r) + per - 1) / per;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ch += __shfl_xor_sync(0xffffffffu, ch, o);
+  if (lane == 0) sm.cnt[buf][warp] = ch;
+  __syncthreads();
+  int total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += sm.cnt[buf][w];
+  return total;
+}
+
 // The balanced schedule, worked out by every thread of the CTA from n_valid (all threads must call).
 // chunk >= 0: find the row whose chunks contain `chunk`; else: row `row`'s first chunk and count.
-__device__ Plan balanced_plan(const PagedParams& p, int chunk, int row, PlanSmem& sm) {
+// write_rows: also store every row's (first chunk, count) in p.row_plan.
+//
+// The chunk size `per` is a multiple of kCtaN, >= min_chunk, and puts no row in more than kRowChunks
+// chunks. Resident CTAs do equal work in lockstep waves of p.slots chunks per kv head, so the time is
+// about waves x (per + kChunkCost): for each wave count w up to the cap tph, the size that fits w waves by
+// construction (sum / per + rows with keys <= w x slots) is costed and the cheapest taken, then shrunk by
+// a binary search to the smallest size whose chunk count still fits those waves. Where a wave cannot hold
+// every row's last partial chunk the bound becomes sum / (T / 2) + B chunks, inside the grid's tph + B.
+__device__ Plan balanced_plan(const PagedParams& p, int chunk, int row, PlanSmem& sm, bool write_rows = false) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   long long sum = 0;
-  int mx = 0;
+  int mx = 0, nz = 0;
   for (int r = tid; r < p.B; r += kThreads) {
     const int n = load_n(p, r);
     sum += n;
     mx = max(mx, n);
+    nz += n > 0;
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     sum += __shfl_xor_sync(0xffffffffu, sum, o);
     mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    nz += __shfl_xor_sync(0xffffffffu, nz, o);
   }
   if (lane == 0) {
     sm.sum[warp] = sum;
     sm.mx[warp] = mx;
+    sm.nz[warp] = nz;
   }
   if (tid == 0) {
     sm.row = -1;
@@ -134,15 +167,40 @@ __device__ Plan balanced_plan(const PagedParams& p, int chunk, int row, PlanSmem
   __syncthreads();
   sum = 0;
   mx = 0;
+  nz = 0;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) {
     sum += sm.sum[w];
     mx = max(mx, sm.mx[w]);
+    nz += sm.nz[w];
   }
-  long long per = max((sum + p.tph - 1) / p.tph, static_cast<long long>(p.min_chunk));
-  per = max(per, static_cast<long long>((mx + kRowChunks - 1) / kRowChunks));
-  per = (per + kCtaN - 1) / kCtaN * kCtaN;
-  const int iper = static_cast<int>(per);
+  const long long floor_per = max(static_cast<long long>(p.min_chunk), static_cast<long long>((mx + kRowChunks - 1) / kRowChunks));
+  auto units = [](long long x) { return static_cast<int>((x + kCtaN - 1) / kCtaN); };  // in kCtaN keys, rounded up
+  const int slots = max(1, p.slots), waves_cap = (p.tph + slots - 1) / slots;
+  auto fit_of = [&](int t) { return max(t - nz, (t + 1) / 2); };  // chunks of keys that fit t with the tails
+  int target = p.tph;
+  float best = -1.f;
+  for (int w = 1; w <= waves_cap; ++w) {  // CTA-uniform; float estimates (64-bit divisions cost microseconds here)
+    const int t = min(w * slots, p.tph);
+    const float per = fmaxf(ceilf(static_cast<float>(sum) / fit_of(t) / kCtaN), ceilf(static_cast<float>(floor_per) / kCtaN)) * kCtaN;
+    const float most = ceilf(static_cast<float>(sum) / per) + nz;  // chunks at this size, at most
+    const float cost = ceilf(most / slots) * (per + kChunkCost);
+    if (best < 0.f || cost < best) {
+      best = cost;
+      target = t;
+    }
+  }
+  // Chunks past this bound are empty whatever the search below finds: such a CTA leaves now.
+  const int bound = fit_of(target) + nz;  // = target unless the tails need the fallback
+  if (chunk > 0 && chunk >= bound && !write_rows) return Plan{0, 0, -1, 0, 0};
+  int hi = units(max((sum + fit_of(target) - 1) / fit_of(target), floor_per));  // fits `target` (see above)
+  int lo = units(max((sum + target - 1) / target, floor_per));  // nothing smaller fits `target`
+  for (int buf = 0; lo < hi; buf ^= 1) {                        // CTA-uniform
+    const int mid = (lo + hi) / 2;
+    if (count_chunks(p, mid * kCtaN, sm, buf) <= target) hi = mid;
+    else lo = mid + 1;
+  }
+  const int iper = hi * kCtaN;
   int carry = 0;
   for (int t0 = 0; t0 < p.B; t0 += kThreads) {
     const int r = t0 + tid;
@@ -168,6 +226,10 @@ __device__ Plan balanced_plan(const PagedParams& p, int chunk, int row, PlanSmem
       sm.row = r;
       sm.first = excl;
       sm.count = ch;
+    }
+    if (write_rows && r < p.B) {
+      p.row_plan[2 * r] = excl;
+      p.row_plan[2 * r + 1] = ch;
     }
     carry += tile;
     __syncthreads();
@@ -555,7 +617,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : S == 2 ? 3 : 2) page
   // kv head, i.e. whole token rows of the pool (H_kv x D contiguous), not one head's slice of each.
   const int chunk = blockIdx.y;
   const int mt = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles;
-  const Plan plan = balanced_plan(p, chunk, -1, plan_sm);
+  const Plan plan = balanced_plan(p, chunk, -1, plan_sm, chunk == 0 && blockIdx.x == 0);
   if (chunk >= plan.total) return;  // uniform: past the batch's chunk count
   const int b = plan.row;
   const int start = (chunk - plan.first) * plan.per;
@@ -564,8 +626,6 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : S == 2 ? 3 : 2) page
   const int head0 = kvh * p.G + mt * 16;    // query head of row 0
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, c = lane & 3;  // MMA groupID (row / key / column) and thread-in-group
-  W st;
-  st.template init<TQ, Tile::kFp8 && !std::is_same_v<TQ, __half>>(p, b, head0, rows, g, c);
   const int32_t* tbl = p.tables + b * p.t_sb;
   const KV* kb = static_cast<const KV*>(p.k) + kvh * p.k_sh;
   const KV* vb = static_cast<const KV*>(p.v) + kvh * p.v_sh;
@@ -611,6 +671,9 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : S == 2 ? 3 : 2) page
     if (s < n_iter) issue(s);
     cp_commit();
   }
+  // q after the first copies are in flight: its load latency hides under theirs
+  W st;
+  st.template init<TQ, Tile::kFp8 && !std::is_same_v<TQ, __half>>(p, b, head0, rows, g, c);
   for (int it = 0; it < n_iter; ++it) {
     if (it + S - 1 < n_iter) issue(it + S - 1);
     cp_commit();  // (an empty group past the end keeps the count of groups in flight fixed)
@@ -645,7 +708,7 @@ __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams 
   __shared__ float sm_ml[kWarps][GT][2];
   __shared__ PlanSmem plan_sm;
   const int tile = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles, chunk = blockIdx.y;  // heads fastest
-  const Plan plan = balanced_plan(p, chunk, -1, plan_sm);
+  const Plan plan = balanced_plan(p, chunk, -1, plan_sm, chunk == 0 && blockIdx.x == 0);
   if (chunk >= plan.total) return;
   const int b = plan.row;
   const int start = (chunk - plan.first) * plan.per;
@@ -778,21 +841,23 @@ __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams 
 // Merge row b's chunks: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); a row with no key -> 0.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const PagedParams p) {
-  __shared__ PlanSmem plan_sm;
-  __shared__ float w[kRowChunks];
+  static_assert(kThreads >= kRowChunks, "one thread per chunk of a row");
+  __shared__ float w[kRowChunks], red[kWarps];
   const int b = blockIdx.x, head = blockIdx.y;
-  const Plan plan = balanced_plan(p, -1, b, plan_sm);
-  const int count = plan.count;  // <= kRowChunks: per >= cdiv(max n, kRowChunks)
-  const float* lse = p.lse_part + static_cast<int64_t>(head) * p.n_chunks + plan.first;
-  for (int s = threadIdx.x; s < count; s += kThreads) w[s] = lse[s];
+  const int first = __ldg(p.row_plan + 2 * b), count = __ldg(p.row_plan + 2 * b + 1);  // count <= kRowChunks
+  const float* lse = p.lse_part + static_cast<int64_t>(head) * p.n_chunks + first;
+  const float x = threadIdx.x < count ? lse[threadIdx.x] : -INFINITY;  // kThreads >= kRowChunks
+  float mx = x;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
   __syncthreads();
-  float mx = -INFINITY;
-  for (int s = 0; s < count; ++s) mx = fmaxf(mx, w[s]);
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) mx = fmaxf(mx, red[i]);
   const float ref = mx == -INFINITY ? 0.f : mx;
+  if (threadIdx.x < count) w[threadIdx.x] = exp2f(x - ref);
   __syncthreads();
-  for (int s = threadIdx.x; s < count; s += kThreads) w[s] = exp2f(w[s] - ref);
-  __syncthreads();
-  const float* part = p.o_part + (static_cast<int64_t>(head) * p.n_chunks + plan.first) * p.D;
+  const float* part = p.o_part + (static_cast<int64_t>(head) * p.n_chunks + first) * p.D;
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.H_kv * p.G + head) * p.D;
   for (int d = threadIdx.x; d < p.D; d += kThreads) {
     float wsum = 0.f, o = 0.f;
@@ -819,11 +884,55 @@ int multiprocessor_count(int device) {
   return cache[device];
 }
 
+// The schedule's grid and partial buffers, once the kernel (hence its resident CTAs per SM) is known.
+struct Split {
+  int64_t programs;  // target chunks over all kv heads; 0: whole waves of resident CTAs, ~kProgramsPerSM per SM
+  at::TensorOptions f32;
+  at::Tensor o_part, lse_part, row_plan;
+};
+
+// Resident CTAs are equal work in lockstep waves, so a chunk count just past a multiple of the resident
+// slots costs a nearly empty wave (16 per SM at 3 resident CTAs was 5.05 waves on the 50% lazy budget
+// shape). The default target is a whole number of waves, ~kProgramsPerSM per SM; balanced_plan keeps the
+// chunk count at or under it.
+void plan_split(PagedParams& p, Split& split, int resident, int device) {
+  const int sms = multiprocessor_count(device);
+  int64_t progs = split.programs;
+  if (progs == 0) {
+    const int per_sm = std::max(1, resident);
+    progs = int64_t{std::max(1, (kProgramsPerSM + per_sm / 2) / per_sm)} * per_sm * sms;
+  }
+  p.tph = static_cast<int>(std::max<int64_t>(1, progs / p.H_kv));
+  p.slots = static_cast<int>(std::max<int64_t>(1, int64_t{std::max(1, resident)} * sms / (int64_t{p.H_kv} * p.m_tiles)));
+  p.n_chunks = p.tph + p.B;  // balanced_plan: at most max(tph, tph / 2 + B) chunks per kv head
+  LT_CHECK(p.n_chunks <= 65535, "paged_decode: ", p.n_chunks, " chunks per kv head (programs=", split.programs,
+           ", B=", p.B, ") exceed the grid's 65535");
+  split.o_part = at::empty({static_cast<int64_t>(p.H_kv) * p.G, p.n_chunks, p.D}, split.f32);
+  split.lse_part = at::empty({static_cast<int64_t>(p.H_kv) * p.G, p.n_chunks}, split.f32);
+  p.o_part = split.o_part.data_ptr<float>();
+  p.lse_part = split.lse_part.data_ptr<float>();
+  split.row_plan = at::empty({p.B, 2}, split.f32.dtype(at::kInt));
+  p.row_plan = split.row_plan.data_ptr<int32_t>();
+}
+
+// Resident CTAs per SM of `kernel` (cached per kernel and device by the caller's static).
+template <typename K>
+int resident_ctas(K* kernel, int smem, int device, int (&cache)[64]) {
+  if (device < 0 || device >= 64) return 1;
+  if (cache[device] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem));
+    cache[device] = std::max(1, n);
+  }
+  return cache[device];
+}
+
 template <typename T, typename TQ, typename Tile, int DP, int S>
-void launch_mma(PagedParams& p, int device, cudaStream_t stream) {
+void launch_mma(PagedParams& p, Split& split, int device, cudaStream_t stream) {
   constexpr int smem = mma_smem_bytes<Tile, DP, S>();
   auto* kernel = &paged_mma_kernel<T, TQ, Tile, DP, S>;
   static bool raised[64] = {};  // once per device: the opt-in above 48 KB of dynamic shared memory, and
+  static int resident[64] = {};
   if (device >= 0 && device < 64 && !raised[device]) {  // all of L1 as shared memory (CTAs per SM)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
@@ -831,14 +940,14 @@ void launch_mma(PagedParams& p, int device, cudaStream_t stream) {
     raised[device] = true;
     if (std::getenv("LTENGINE_KERNEL_INFO")) {
       cudaFuncAttributes fa{};
-      int per_sm = 0;
       C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
       std::fprintf(stderr, "paged_mma_kernel<DP=%d, S=%d, fp8=%d>: %d registers, %d B dynamic + %zu B static smem, "
-                   "%d CTAs per SM\n", DP, S, int(Tile::kFp8), fa.numRegs, smem, fa.sharedSizeBytes, per_sm);
+                   "%d CTAs per SM\n", DP, S, int(Tile::kFp8), fa.numRegs, smem, fa.sharedSizeBytes,
+                   resident_ctas(kernel, smem, device, resident));
     }
   }
   p.m_tiles = (p.G + 15) / 16;
+  plan_split(p, split, resident_ctas(kernel, smem, device, resident) , device);
   const dim3 grid(static_cast<unsigned>(p.H_kv * p.m_tiles), static_cast<unsigned>(p.n_chunks));
   kernel<<<grid, kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -849,23 +958,25 @@ void launch_mma(PagedParams& p, int device, cudaStream_t stream) {
 // for fp8 (rows half as long), 128 KB for 16-bit 256 (one CTA per SM).
 // `stages` (0: the default, 2) picks another depth (3, 4) for 16-bit D in (64, 128], for tuning.
 template <typename T, typename TQ>
-void dispatch_mma(PagedParams& p, bool fp8, int stages, int device, cudaStream_t stream) {
+void dispatch_mma(PagedParams& p, Split& split, bool fp8, int stages, int device, cudaStream_t stream) {
   if (fp8) {
-    if (p.D <= 64) launch_mma<__half, TQ, Tile8<64>, 64, 6>(p, device, stream);
-    else if (p.D <= 128) launch_mma<__half, TQ, Tile8<128>, 128, 4>(p, device, stream);
-    else launch_mma<__half, TQ, Tile8<256>, 256, 3>(p, device, stream);
+    if (p.D <= 64) launch_mma<__half, TQ, Tile8<64>, 64, 6>(p, split, device, stream);
+    else if (p.D <= 128) launch_mma<__half, TQ, Tile8<128>, 128, 4>(p, split, device, stream);
+    else launch_mma<__half, TQ, Tile8<256>, 256, 3>(p, split, device, stream);
   } else if constexpr (!std::is_same_v<T, float>) {
-    if (p.D <= 64) launch_mma<T, T, Tile16<64>, 64, 4>(p, device, stream);
-    else if (p.D <= 128 && stages == 3) launch_mma<T, T, Tile16<128>, 128, 3>(p, device, stream);
-    else if (p.D <= 128 && stages == 4) launch_mma<T, T, Tile16<128>, 128, 4>(p, device, stream);
-    else if (p.D <= 128) launch_mma<T, T, Tile16<128>, 128, 2>(p, device, stream);
-    else launch_mma<T, T, Tile16<256>, 256, 2>(p, device, stream);
+    if (p.D <= 64) launch_mma<T, T, Tile16<64>, 64, 4>(p, split, device, stream);
+    else if (p.D <= 128 && stages == 3) launch_mma<T, T, Tile16<128>, 128, 3>(p, split, device, stream);
+    else if (p.D <= 128 && stages == 4) launch_mma<T, T, Tile16<128>, 128, 4>(p, split, device, stream);
+    else if (p.D <= 128) launch_mma<T, T, Tile16<128>, 128, 2>(p, split, device, stream);
+    else launch_mma<T, T, Tile16<256>, 256, 2>(p, split, device, stream);
   }
 }
 
 template <int NV, int GT>
-void launch_simt(PagedParams& p, cudaStream_t stream) {
+void launch_simt(PagedParams& p, Split& split, int device, cudaStream_t stream) {
+  static int resident[64] = {};
   p.m_tiles = (p.G + GT - 1) / GT;
+  plan_split(p, split, resident_ctas(&paged_simt_kernel<NV, GT>, 0, device, resident), device);
   const dim3 grid(static_cast<unsigned>(p.m_tiles * p.H_kv), static_cast<unsigned>(p.n_chunks));
   paged_simt_kernel<NV, GT><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -874,26 +985,26 @@ void launch_simt(PagedParams& p, cudaStream_t stream) {
 // Heads per CTA: the group padded to 1/2/4, with at most 64 fp32 registers of q (and as many of acc) per
 // thread, and one head for 32-element lanes.
 template <int NV>
-void dispatch_gt(PagedParams& p, cudaStream_t stream) {
+void dispatch_gt(PagedParams& p, Split& split, int device, cudaStream_t stream) {
   constexpr int E = NV * 4;
   constexpr int kMaxGT = E >= 32 ? 1 : 64 / E >= 4 ? 4 : 2;
   const int want = p.G >= 4 ? 4 : p.G >= 2 ? 2 : 1;
   const int gt = want < kMaxGT ? want : kMaxGT;
   if (gt == 4) {
-    if constexpr (kMaxGT >= 4) launch_simt<NV, 4>(p, stream);
+    if constexpr (kMaxGT >= 4) launch_simt<NV, 4>(p, split, device, stream);
   } else if (gt == 2) {
-    if constexpr (kMaxGT >= 2) launch_simt<NV, 2>(p, stream);
+    if constexpr (kMaxGT >= 2) launch_simt<NV, 2>(p, split, device, stream);
   } else {
-    launch_simt<NV, 1>(p, stream);
+    launch_simt<NV, 1>(p, split, device, stream);
   }
 }
 
-void dispatch_simt(PagedParams& p, cudaStream_t stream) {
+void dispatch_simt(PagedParams& p, Split& split, int device, cudaStream_t stream) {
   const int vectors = (p.D + 3) / 4;  // 16-byte vectors per fp32 row
-  if (vectors <= 8) dispatch_gt<1>(p, stream);
-  else if (vectors <= 16) dispatch_gt<2>(p, stream);
-  else if (vectors <= 32) dispatch_gt<4>(p, stream);
-  else dispatch_gt<8>(p, stream);
+  if (vectors <= 8) dispatch_gt<1>(p, split, device, stream);
+  else if (vectors <= 16) dispatch_gt<2>(p, split, device, stream);
+  else if (vectors <= 32) dispatch_gt<4>(p, split, device, stream);
+  else dispatch_gt<8>(p, split, device, stream);
 }
 
 template <typename T>
@@ -1009,13 +1120,8 @@ at::Tensor paged_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_pool, c
   p.bs_shift = (BS & (BS - 1)) == 0 ? __builtin_ctzll(static_cast<unsigned long long>(BS)) : -1;
   p.MB = static_cast<int>(tables.size(1));
   const int device = q.get_device();
-  const int64_t progs = programs > 0 ? programs : int64_t{kProgramsPerSM} * multiprocessor_count(device);
-  p.tph = static_cast<int>(std::max<int64_t>(1, (progs + Hkv - 1) / Hkv));
   const int64_t mc = min_chunk > 0 ? min_chunk : kMinChunk;
   p.min_chunk = static_cast<int>(std::min<int64_t>((mc + kCtaN - 1) / kCtaN * kCtaN, int64_t{1} << 30));
-  p.n_chunks = p.tph + p.B;  // sum over rows of cdiv(n, per) <= total / per + B <= tph + B
-  LT_CHECK(p.n_chunks <= 65535, "paged_decode: ", p.n_chunks, " chunks per kv head (programs=", programs,
-           ", B=", B, ") exceed the grid's 65535");
   // fp8 pools run fp16 MMAs: an fp16 q is read as it is; a bf16 / fp32 q is converted, pre-scaled by the
   // softmax scale (|q * scale| must stay under fp16's 65504), and its scores need only log2(e).
   constexpr double kLog2e = 1.4426950408889634;
@@ -1029,22 +1135,17 @@ at::Tensor paged_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_pool, c
     p.s_st = k_scale->stride(1);
   }
 
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor o_part = at::empty({Hq, p.n_chunks, D}, f32);
-  at::Tensor lse_part = at::empty({Hq, p.n_chunks}, f32);
-  p.o_part = o_part.data_ptr<float>();
-  p.lse_part = lse_part.data_ptr<float>();
-
+  Split split{programs, q.options().dtype(at::kFloat), {}, {}, {}};  // the grid: set by the launch (plan_split)
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (dt == at::kBFloat16) {
-    dispatch_mma<__nv_bfloat16, __nv_bfloat16>(p, fp8, stages, device, stream);
+    dispatch_mma<__nv_bfloat16, __nv_bfloat16>(p, split, fp8, stages, device, stream);
     launch_combine<__nv_bfloat16>(p, stream);
   } else if (dt == at::kHalf) {
-    dispatch_mma<__half, __half>(p, fp8, stages, device, stream);
+    dispatch_mma<__half, __half>(p, split, fp8, stages, device, stream);
     launch_combine<__half>(p, stream);
   } else {
-    if (fp8) dispatch_mma<float, float>(p, true, stages, device, stream);
-    else dispatch_simt(p, stream);
+    if (fp8) dispatch_mma<float, float>(p, split, true, stages, device, stream);
+    else dispatch_simt(p, split, device, stream);
     launch_combine<float>(p, stream);
   }
   return out;

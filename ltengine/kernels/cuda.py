@@ -82,8 +82,9 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     in pools ``[num_blocks, block_size, H_kv, D]`` -> ``[B, H_q, D]`` (a row with no keys gets zeros).
     An fp8 pool passes its per-row scales ``k_scale``/``v_scale`` ``[num_blocks, block_size, H_kv]``.
 
-    ``programs`` (target chunks over all kv heads; 0: 16 per SM) and ``min_chunk`` (fewest keys per
-    chunk; 0: 128) tune the balanced schedule; ``stages`` (0: the default, 2; or 3, 4 for 16-bit D in (64, 128])
+    ``programs`` (the most chunks over all kv heads; 0: whole waves of resident CTAs, ~12 per SM; the
+    kernel picks the cheapest wave count under it) and ``min_chunk`` (fewest keys per chunk; 0: 128)
+    tune the balanced schedule; ``stages`` (0: the default, 2; or 3, 4 for 16-bit D in (64, 128])
     the depth of each warp's cp.async ring. Same contract as ``paged.paged_decode_ref``."""
     return torch.ops.ltengine.paged_decode(q, k_pool, v_pool, _index(tables, q.device), _index(n_valid, q.device),
                                            float(scale), k_scale, v_scale, int(programs), int(min_chunk), int(stages))
