@@ -30,7 +30,7 @@ from ltengine.runners import PrefillRequest  # noqa: E402
 
 def group(name: str) -> str:
     n = name.lower()
-    if "paged_split" in n or "combine" in n:
+    if "paged_chunk" in n or "paged_mma" in n or "paged_simt" in n or "combine" in n:  # Triton / csrc kernels
         return "attention"
     if "gemm" in n or "gemv" in n or "cutlass" in n or "sm90" in n or "nvjet" in n or "splitk" in n:
         return "gemm"
