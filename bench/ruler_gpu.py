@@ -64,7 +64,7 @@ def _session_times(path: Path) -> str:
 def _session_runner(engine) -> str:
     """What decoded the sessions: the runner, its decode kernel, whether CUDA graphs were captured."""
     r = engine._session_runner()
-    buckets = sorted(b for b, st in r._static.items() if st.get("graph") is not None)
+    buckets = sorted(b for b, st in r.batches.static.items() if st.get("graph") is not None)
     return (f"{r.name}, paged_decode {r.attn_name}, fused step {r.fused is not None}, graphs {r.graphs} "
             f"(captured for batch buckets {buckets})")
 

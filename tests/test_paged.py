@@ -127,7 +127,7 @@ def test_rows_leaving_the_batch_are_gathered_not_rebuilt(monkeypatch):
     """Requests finishing at different steps (blocks growing meanwhile, block_size 4): the decode
     tables of the rows left are gathered on the device instead of rebuilt from the block lists, and
     every request's tokens are the reference runner's."""
-    from ltengine.runners.paged import PagedRunner
+    from ltengine.runners.paged_batch import DecodeBatches
 
     model = tiny_model("llama", layers=6)
     lazy = LazyConfig(fraction=0.5, sink=2, window=9)
@@ -135,8 +135,8 @@ def test_rows_leaving_the_batch_are_gathered_not_rebuilt(monkeypatch):
     new = [3, 14, 6, 22, 9, 17]
     ref = Engine(model, _Ids(), lazy=lazy, runner="reference").generate(prompts, max_new_tokens=new, ignore_eos=True)
     builds = []
-    state = PagedRunner._state
-    monkeypatch.setattr(PagedRunner, "_state", lambda self, seqs, bucket: builds.append(len(seqs)) or state(self, seqs, bucket))
+    tables = DecodeBatches.tables
+    monkeypatch.setattr(DecodeBatches, "tables", lambda self, seqs, bucket: builds.append(len(seqs)) or tables(self, seqs, bucket))
     paged = Engine(model, _Ids(), lazy=lazy, runner="paged", block_size=4).generate(prompts, max_new_tokens=new,
                                                                                     ignore_eos=True)
     assert [o.token_ids for o in paged] == [o.token_ids for o in ref]

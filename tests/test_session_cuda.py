@@ -75,4 +75,4 @@ def test_documents_batch_matches_one_session_at_a_time_on_cuda(family):
             views = view.ask(qs, max_new_tokens=20)
     assert [o.token_ids for o in views] == [o.token_ids for o in alone]  # the loop's last mode: context
     assert engine.runner.used == 0
-    assert engine.runner.graphs and any(st["graph"] is not None for st in engine.runner._static.values())
+    assert engine.runner.graphs and any(st["graph"] is not None for st in engine.runner.batches.static.values())

@@ -17,7 +17,7 @@ import time
 from tqdm.auto import tqdm
 
 from ..config import SamplingParams
-from ..runners.paged import BUCKETS
+from ..runners.paged_batch import BUCKETS
 from .ruler_configs import RulerConfig
 from .ruler_prompt import RulerSample, record, string_match_all
 

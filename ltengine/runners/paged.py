@@ -7,7 +7,7 @@ builds, once per batch change, tensors ``tables [L, B, MB]``, ``lazy [L, B]`` an
 window on the device (grown blocks are patched in; a batch that only lost rows, as when requests
 finish, is gathered from the last one's on the device); each step then computes write slots, the valid
 prefix of each cache and the attention on the device with no host sync inside the step, and can be
-captured in a CUDA graph per batch-size bucket.
+captured in a CUDA graph per batch-size bucket (``paged_batch.DecodeBatches``).
 
 An fp8 pool (``kv_dtype="fp8"``) stores every row as it is written (prompt KV in ``store``, each decode
 token in the step) through ``fp8.quantize``, scales beside it; demotion and preemption move the scales
@@ -25,8 +25,7 @@ from ..kernels.fp8 import put_rows_, quantize, take_rows
 from ..memory.pool import KVPool
 from ..models import DecoderAdapter
 from .base import LayerMajorPrefill, PrefillJob, PrefillRequest, PrefillResult, PrefillTask, Runner
-
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+from .paged_batch import DecodeBatches
 
 
 @dataclass(eq=False)
@@ -109,10 +108,8 @@ class PagedRunner(Runner):
         fast = fused_step and fused.available(pool.k.device, adapter.dtype, pool.dtype)
         self.fused = adapter.fused_weights() if fast else None
         self.attn_name = backend.impl_for("paged_decode", pool.dtype, s.head_dim)
-        self._batch: tuple | None = None
-        self._last: tuple[list[PagedSeq], dict] | None = None  # the last decode batch and its tensors
-        self._dirty: list[tuple[PagedSeq, int, int, int]] = []  # (seq, layer, index, block) grown since
-        self._static: dict[int, dict] = {}
+        self.batches = DecodeBatches(s.num_layers, self.max_blocks, self.scratch, adapter.vocab_size, pool.k.device,
+                                     self.graphs)
 
     # ------------------------------------------------------------------ budget
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +168,7 @@ class PagedRunner(Runner):
         bpb = self.pool.bytes_per_block
 
         def finish(logits: torch.Tensor) -> list[PrefillResult]:
-            self._batch = None
+            self.batches.forget()
             return [PrefillResult(logits[n], list(loop.scores[n]), [i for i, z in enumerate(seq.lazy) if z],
                                   sum(len(b) for b in seq.blocks) * bpb, seq) for n, seq in enumerate(seqs)]
 
@@ -182,7 +179,7 @@ class PagedRunner(Runner):
         for blocks in seq.blocks:
             self.pool.free(blocks)
         seq.blocks = []
-        self._batch = None
+        self.batches.forget()
 
     # ------------------------------------------------------------------ growth and preemption
     def _missing(self, seq: PagedSeq, tokens: int) -> list[int]:
@@ -204,7 +201,7 @@ class PagedRunner(Runner):
         for layer, n in enumerate(missing):
             for _ in range(n):
                 blk = next(new)
-                self._dirty.append((seq, layer, len(seq.blocks[layer]), blk))
+                self.batches.grown.append((seq, layer, len(seq.blocks[layer]), blk))
                 seq.blocks[layer].append(blk)
 
     def swap_out(self, seq: PagedSeq) -> _Swapped:
@@ -235,28 +232,10 @@ class PagedRunner(Runner):
             if swapped.scales is not None:
                 self.pool.k_scale.index_copy_(0, idx, swapped.scales[layer][0].to(dev))
                 self.pool.v_scale.index_copy_(0, idx, swapped.scales[layer][1].to(dev))
-        self._batch = None
+        self.batches.forget()
         return seq
 
     # ------------------------------------------------------------------ decode
-    def _bucket(self, b: int) -> int:
-        return next((x for x in BUCKETS if x >= b), b)
-
-    def _state(self, seqs: list[PagedSeq], bucket: int) -> dict:
-        """Device tensors for this batch, padded to ``bucket`` rows (pad rows use the scratch block)."""
-        n_layers = self.adapter.shape.num_layers
-        tables = torch.full((n_layers, bucket, self.max_blocks), self.scratch, dtype=torch.int32)
-        lazy = torch.zeros((n_layers, bucket), dtype=torch.bool)
-        sink = torch.ones(bucket, dtype=torch.long)
-        window = torch.ones(bucket, dtype=torch.long)
-        for b, seq in enumerate(seqs):
-            sink[b], window[b] = seq.sink, seq.window
-            for layer, blocks in enumerate(seq.blocks):
-                tables[layer, b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-                lazy[layer, b] = seq.lazy[layer]
-        dev = self.pool.k.device
-        return {"tables": tables.to(dev), "lazy": lazy.to(dev), "sink": sink.to(dev), "window": window.to(dev)}
-
     def _step(self, st: dict) -> torch.Tensor:
         """One decode step on static tensors: ``tokens``/``pos`` ``[Bk]`` -> writes ``logits``."""
         a, bs = self.adapter, self.pool.block_size
@@ -303,85 +282,6 @@ class PagedRunner(Runner):
         st["logits"].copy_(a.model.lm_head(normed).float())
         return st["logits"]
 
-    def _kept_rows(self, seqs: list[PagedSeq]) -> list[int] | None:
-        """Each sequence's row in the last decode batch, or None when one was not in it. The last
-        batch's sequences are held (``_last``), so an ``id`` names one object; a sequence's tables
-        change only by growth, which ``_dirty`` patches (a swapped-in sequence is a new object)."""
-        if self._last is None:
-            return None
-        last = {id(s): r for r, s in enumerate(self._last[0])}
-        rows = [last.get(id(s)) for s in seqs]
-        return None if None in rows else rows
-
-    def _gather_rows(self, st: dict, keep: list[int]) -> None:
-        """``st``'s tables, lazy flags, sinks and windows: the last batch's rows ``keep``, then pad rows."""
-        old = self._last[1]
-        b, dev = len(keep), self.pool.k.device
-        idx = torch.tensor(keep, dtype=torch.long, device=dev)
-        rows = {"tables": old["tables"].index_select(1, idx), "lazy": old["lazy"].index_select(1, idx),
-                "sink": old["sink"].index_select(0, idx), "window": old["window"].index_select(0, idx)}
-        st["tables"][:, b:] = self.scratch
-        st["lazy"][:, b:] = False
-        st["sink"][b:] = 1
-        st["window"][b:] = 1
-        st["tables"][:, :b] = rows["tables"]
-        st["lazy"][:, :b] = rows["lazy"]
-        st["sink"][:b] = rows["sink"]
-        st["window"][:b] = rows["window"]
-
-    def _static_for(self, bucket: int) -> dict:
-        st = self._static.get(bucket)
-        if st is None:
-            dev = self.pool.k.device
-            st = {"tokens": torch.zeros(bucket, dtype=torch.long, device=dev),
-                  "pos": torch.zeros(bucket, dtype=torch.long, device=dev),
-                  "logits": torch.zeros(bucket, self.adapter.vocab_size, dtype=torch.float32, device=dev),
-                  "graph": None}
-            st.update(self._state([], bucket))
-            self._static[bucket] = st
-        return st
-
     @torch.inference_mode()
     def decode(self, seqs: list[PagedSeq], tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        b = len(seqs)
-        bucket = self._bucket(b)
-        st = self._static_for(bucket)
-        key = (bucket, tuple(id(s) for s in seqs))
-        stale = bool(self._dirty)
-        if self._batch != key:
-            keep = self._kept_rows(seqs)
-            if keep is None:  # built from the block lists (grown blocks included): nothing to patch
-                fresh = self._state(seqs, bucket)
-                for name in ("tables", "lazy", "sink", "window"):
-                    st[name].copy_(fresh[name])
-                stale = False
-            else:  # rows left the last batch: the rest are gathered on the device, no host rebuild
-                self._gather_rows(st, keep)
-            self._batch, self._last = key, (list(seqs), st)
-        if stale:  # blocks grown since the tables were built: patch them in
-            rows = {id(s): r for r, s in enumerate(seqs)}
-            patch = [(layer, rows[id(s)], j, blk) for s, layer, j, blk in self._dirty if id(s) in rows]
-            if patch:
-                idx = torch.tensor(patch, dtype=torch.long).t()
-                st["tables"][idx[0].to(st["tables"].device), idx[1].to(st["tables"].device),
-                             idx[2].to(st["tables"].device)] = idx[3].to(device=st["tables"].device,
-                                                                         dtype=torch.int32)
-        self._dirty.clear()
-        st["tokens"].zero_()
-        st["pos"].zero_()
-        st["tokens"][:b].copy_(tokens)
-        st["pos"][:b].copy_(positions)
-        if not self.graphs:
-            return self._step(st)[:b]
-        if st["graph"] is None:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._step(st)  # warm-up: compiles the Triton kernels outside the capture
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(st)
-            st["graph"] = graph
-        st["graph"].replay()
-        return st["logits"][:b]
+        return self.batches.run(seqs, tokens, positions, self._step)

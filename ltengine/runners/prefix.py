@@ -148,7 +148,7 @@ def fork(runner: PagedRunner, prefix: PagedSeq, prefix_len: int, result: PrefixR
         flat_k.index_copy_(0, rows, k)
         flat_v.index_copy_(0, rows, v)
         seq.lazy.append(i in result.lazy)
-    runner._batch = None
+    runner.batches.forget()
     return seq
 
 
@@ -178,5 +178,5 @@ def demoted_view(runner: PagedRunner, prefix: PagedSeq, length: int, lazy: set[i
             pool.share(blocks)
             seq.blocks.append(list(blocks))
         seq.lazy.append(prefix.lazy[i] or fresh[i])
-    runner._batch = None
+    runner.batches.forget()
     return seq
