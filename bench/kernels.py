@@ -4,6 +4,7 @@ paged truncation, as % of the device-to-device copy bandwidth measured in the sa
     python3 bench/kernels.py              (writes $OUT/kernels.json when OUT is set)
     python3 bench/kernels.py --knobs      (also: both kernels' target chunks per SM at each shape)
     python3 bench/kernels.py --breakdown  (also: each kernel's device time, from the profiler)
+    python3 bench/kernels.py --stages     (also: the CUDA kernel's ring depth, 2-4 stages, at each shape)
 
 Decode: bf16 and fp8 pools (e4m3 with per-row fp32 scales; bf16 queries), Llama-3-8B-shaped (32 q heads /
 8 kv heads, D 128), 64-token blocks at random places in the pool, 32 layers' calls in one CUDA graph (distinct blocks per layer while they fit 8 GB), median of
@@ -60,7 +61,7 @@ def copy_bandwidth() -> float:
     return 2 * (2 << 30) / statistics.median(times)
 
 
-def decode_table(bw: float, knobs: bool) -> list[dict]:
+def decode_table(bw: float, knobs: bool, stages: bool = False) -> list[dict]:
     """Every shape: Triton vs CUDA over bf16 pools, then over fp8 pools (per-row scales counted)."""
     rows = []
     print(f"{'shape':46s} {'triton':>16s} {'cuda':>16s}  cuda/triton | {'triton fp8':>16s} {'cuda fp8':>16s}  ratio")
@@ -82,6 +83,11 @@ def decode_table(bw: float, knobs: bool) -> list[dict]:
                                                                   programs=per * SMS) / bw
             row["knobs_pct_copy"] = sweep
             print("    knobs: " + "  ".join(f"{k} {v:.1f}%" for k, v in sweep.items()), flush=True)
+        if stages:  # the CUDA kernel's ring depth (2: the default, 3 CTAs per SM; 3: 2; 4: 1)
+            depth = {st: 100 * graph_point(b, t, bucket, width, kcuda.paged_decode, short=short, stages=st) / bw
+                     for st in (2, 3, 4)}
+            row["cuda_stages_pct_copy"] = depth
+            print("    cuda stages: " + "  ".join(f"{k}: {v:.1f}%" for k, v in depth.items()), flush=True)
         rows.append(row)
     return rows
 
@@ -165,7 +171,7 @@ def main():
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     result = {"device": torch.cuda.get_device_name(), "copy_gbs": bw / 1e9,
-              "decode": decode_table(bw, "--knobs" in sys.argv), "other_dtypes": other_dtypes(bw),
+              "decode": decode_table(bw, "--knobs" in sys.argv, "--stages" in sys.argv), "other_dtypes": other_dtypes(bw),
               "truncate": truncate_table(bw)}
     if "--breakdown" in sys.argv:
         result["breakdown"] = breakdown(bw)

@@ -839,34 +839,74 @@ __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams 
 
 // ---------------------------------------------------------------------------------------------------
 // Merge row b's chunks: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); a row with no key -> 0.
+// Merge each (row, query head)'s chunk partials. Warp w takes the row's chunks w, w + kWarps, ...: it
+// loads their log2-sum-exps and (16 bytes a lane) their outputs at once, merges them against its own
+// max, and the CTA then merges the warps' (max, sum, output) through shared memory: every load of a
+// row is issued in one round trip after the row plan's.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const PagedParams p) {
-  static_assert(kThreads >= kRowChunks, "one thread per chunk of a row");
-  __shared__ float w[kRowChunks], red[kWarps];
-  const int b = blockIdx.x, head = blockIdx.y;
+  constexpr int kPer = kRowChunks / kWarps;  // chunks per warp, at most
+  constexpr int kVecs = 256 / 4;             // float4s of the longest row (D <= 256)
+  static_assert(kRowChunks % kWarps == 0, "chunks split evenly over the warps");
+  __shared__ float4 sm_o[kWarps][kVecs];
+  __shared__ float sm_m[kWarps], sm_l[kWarps];
+  const int b = blockIdx.x, head = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int first = __ldg(p.row_plan + 2 * b), count = __ldg(p.row_plan + 2 * b + 1);  // count <= kRowChunks
-  const float* lse = p.lse_part + static_cast<int64_t>(head) * p.n_chunks + first;
-  const float x = threadIdx.x < count ? lse[threadIdx.x] : -INFINITY;  // kThreads >= kRowChunks
-  float mx = x;
+  const int64_t base = static_cast<int64_t>(head) * p.n_chunks + first;
+  const float* lse = p.lse_part + base;
+  const float4* part = reinterpret_cast<const float4*>(p.o_part + base * p.D);  // D % 4 == 0
+  const int vecs = p.D / 4;
+  float ls[kPer];
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
-  __syncthreads();
+  for (int i = 0; i < kPer; ++i) {
+    const int c = warp + kWarps * i;
+    ls[i] = c < count ? __ldg(lse + c) : -INFINITY;
+  }
+  for (int v0 = 0; v0 < vecs; v0 += 32) {  // passes of 32 float4s (one for D <= 128)
+    const int v = v0 + lane;
+    float4 x[kPer];
 #pragma unroll
-  for (int i = 0; i < kWarps; ++i) mx = fmaxf(mx, red[i]);
-  const float ref = mx == -INFINITY ? 0.f : mx;
-  if (threadIdx.x < count) w[threadIdx.x] = exp2f(x - ref);
+    for (int i = 0; i < kPer; ++i) {  // issued before the weights are known: one round trip
+      const int c = warp + kWarps * i;
+      x[i] = c < count && v < vecs ? __ldg(part + static_cast<int64_t>(c) * vecs + v) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) m = fmaxf(m, ls[i]);
+    const float ref = m == -INFINITY ? 0.f : m;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    float l = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const float w = ls[i] == -INFINITY ? 0.f : exp2f(ls[i] - ref);
+      l += w;
+      acc.x = fmaf(w, x[i].x, acc.x);
+      acc.y = fmaf(w, x[i].y, acc.y);
+      acc.z = fmaf(w, x[i].z, acc.z);
+      acc.w = fmaf(w, x[i].w, acc.w);
+    }
+    if (v < vecs) sm_o[warp][v] = acc;
+    if (v0 == 0 && lane == 0) {
+      sm_m[warp] = m;
+      sm_l[warp] = l;
+    }
+  }
   __syncthreads();
-  const float* part = p.o_part + (static_cast<int64_t>(head) * p.n_chunks + first) * p.D;
+  float mx = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm_m[w]);
+  float f[kWarps], lsum = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    f[w] = sm_m[w] == -INFINITY ? 0.f : exp2f(sm_m[w] - mx);
+    lsum += f[w] * sm_l[w];
+  }
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.H_kv * p.G + head) * p.D;
   for (int d = threadIdx.x; d < p.D; d += kThreads) {
-    float wsum = 0.f, o = 0.f;
-#pragma unroll 16
-    for (int s = 0; s < count; ++s) {  // unrolled: 16 independent loads in flight (one row of 1x8k: 44 chunks)
-      wsum += w[s];
-      o = fmaf(w[s], part[static_cast<int64_t>(s) * p.D + d], o);
-    }
-    out[d] = to_t<T>(wsum > 0.f ? o / wsum : 0.f);
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) o = fmaf(f[w], reinterpret_cast<const float*>(&sm_o[w][d / 4])[d % 4], o);
+    out[d] = to_t<T>(lsum > 0.f ? o / lsum : 0.f);
   }
 }
 
