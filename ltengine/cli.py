@@ -6,6 +6,8 @@ import math
 import sys
 from pathlib import Path
 
+from .config import SCORES
+
 KV_DTYPE_CHOICES = ("auto", "fp8", "bfloat16", "float16", "float32")  # --kv-dtype (EngineConfig.kv_dtype)
 DEMO_QUESTION = "Who is Mr. Bingley, and what does Mrs. Bennet want from him?"
 
@@ -53,7 +55,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     lz.add_argument("--window", type=_positive, default=None, help="recent tokens kept by a lazy layer")
     lz.add_argument("--probe", type=_positive, default=None, help="last prompt queries that score a layer")
     lz.add_argument("--policy", default=None, help="lighttransfer | topk | random | streaming | comma-separated layers")
-    lz.add_argument("--score", default=None, choices=["ratio", "peak"], help="how layers are scored (LazyConfig.score)")
+    lz.add_argument("--score", default=None, choices=list(SCORES), help="how layers are scored (LazyConfig.score)")
     lz.add_argument("--kv-budget", type=_budget, default=None, help="KV bytes the call may hold, e.g. 512MiB (then the budget decides)")
     p.add_argument("--max-new-tokens", type=_positive, default=None, help="tokens to generate, >= 1")
     p.add_argument("--temperature", type=_finite, default=0.0, help="0 = greedy")

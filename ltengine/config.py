@@ -12,7 +12,7 @@ import torch
 from .kernels.fp8 import resolve_kv_dtype
 
 POLICIES = ("lighttransfer", "topk", "random", "streaming")
-SCORES = ("ratio", "peak")
+SCORES = ("ratio", "peak", "cover")
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,11 @@ class LazyConfig:
               an explicit sequence of layer indices.
     seed:     seed of the "random" policy.
     score:    how "lighttransfer" / "topk" score a layer (higher = lazier): "ratio" (the paper's lazy
-              ratio, ``lazy.lazy_ratio``) or "peak" (1 - the largest mass any head puts on its 8
-              most-attended distant keys, ``lazy.peak_score``: keeps layers with retrieval heads).
+              ratio, ``lazy.lazy_ratio``), "peak" (1 - the largest mass any head puts on its 8
+              most-attended distant keys, ``lazy.peak_score``: keeps layers with retrieval heads) or
+              "cover" (1 - the most distinct distant text any head reads across the probe rows: its
+              16 distant keys' best probabilities over the rows, summed, / 16, ``lazy.cover_score``;
+              keeps the layers that read several needles, one per question row).
     streaming_prefill: a layer already known to be lazy before its own attention runs (every layer of
               a layer list, "random" or "streaming"; with "lighttransfer", the layer whose probe score
               makes the full queue pop it at once) computes its prefill attention over sink + window

@@ -1,7 +1,8 @@
 """Where a layer's lazy ratio is scored and where the queue decides which layers go lazy.
 
-``lazy_ratio`` scores one layer from its last ``probe`` queries (the paper's rule); ``peak_score`` is
-the alternative chosen by ``LazyConfig(score="peak")`` (see its docstring and bench/RESULTS.md, issue #5). A ``LayerPolicy`` sees the layers in
+``lazy_ratio`` scores one layer from its last ``probe`` queries (the paper's rule); ``peak_score`` and
+``cover_score`` are the alternatives chosen by ``LazyConfig(score="peak" | "cover")`` (see their
+docstrings and bench/RESULTS.md, issues #5 and 13). A ``LayerPolicy`` sees the layers in
 prefill order (``observe``) and answers which layers to demote *now*, before the next layer's cache is
 stored; ``finish`` answers what is left to demote once every layer is scored (only the offline
 "topk" comparison uses it).
@@ -74,6 +75,33 @@ def peak_score(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: 
     """
     return 1.0 - float(distant_peak(q, k, sink, window, scale).max())
 
+
+COVER_KEYS = 16  # distinct distant keys counted by cover_score
+
+
+def distant_cover(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float,
+                  keys: int = COVER_KEYS) -> torch.Tensor:
+    """Per query head, the sum of the ``keys`` largest, over distant keys (neither sink nor within
+    ``window``), of each key's *largest* probability over the P probe queries: how much distinct distant
+    text the head reads across the rows, in ``[0, keys]``. q ``[H_q, P, D]``, k ``[H_kv, T, D]`` -> ``[H_q]``."""
+    probs, pos_q, pos_k = probe_probs(q, k, scale)
+    distant = (pos_k >= sink) & (pos_k <= pos_q - window)
+    per_key = (probs * distant).amax(dim=2)  # [H_kv, G, T]: each key's best row
+    return per_key.topk(min(keys, k.shape[1]), dim=-1).values.sum(dim=-1).reshape(q.shape[0])
+
+
+def cover_score(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> float:
+    """1 - the largest, over query heads, of ``distant_cover`` / ``COVER_KEYS``; same contract as
+    ``lazy_ratio``, higher = lazier.
+
+    A question naming several keys retrieves each on the one probe row that names it (an induction hit
+    on the key's earlier occurrence beside the needle), so a mean over rows (``peak_score``) dilutes
+    it, while the instruction look-back that every row repeats survives the mean; the per-key max over
+    rows counts each needle once and the repeated look-back once. With the question span as probe (64
+    rows) it keeps the needle-reading layers of SmolLM2-135M that ``peak`` demotes (RULER study,
+    bench/RESULTS.md, issue 13).
+    """
+    return 1.0 - float(distant_cover(q, k, sink, window, scale).max()) / COVER_KEYS
 
 
 

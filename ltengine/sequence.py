@@ -67,7 +67,7 @@ class GenerationOutput:
     stats: GenerationStats
     num_layers: int = 0
     error: str | None = None  # why this request could not run (finish_reason "error")
-    score_rule: str = "ratio"  # LazyConfig.score: "ratio" (kept attention mass) or "peak"
+    score_rule: str = "ratio"  # LazyConfig.score: "ratio" (kept attention mass), "peak" or "cover"
     request_id: str = ""
 
     def summary(self) -> str:

@@ -93,6 +93,29 @@ def test_peak_score_keeps_a_layer_with_one_retrieval_head():
         LazyConfig(score="bogus")
 
 
+def test_cover_score_counts_distinct_needles_across_probe_rows():
+    """cover_score: 1 - the best head's summed 16 largest per-key maxima over the probe rows, / 16. A head
+    that reads four needles on four rows covers four; one whose rows all read the same needle covers
+    one, although peak_score (mean over rows) calls both equally retrieval-like."""
+    torch = pytest.importorskip("torch")
+    from ltengine.lazy import cover_score, distant_cover, peak_score
+
+    t, d, p = 200, 8, 16
+    k = torch.zeros(1, t, d)
+    for j, pos in enumerate((50, 80, 110, 140)):
+        k[0, pos, j] = 1.0
+    four, same = torch.zeros(1, p, d), torch.zeros(1, p, d)
+    for r, j in ((3, 0), (7, 1), (11, 2), (15, 3)):
+        four[0, r, j] = 60.0
+        same[0, r, 2] = 60.0
+    assert float(distant_cover(four, k, 4, 16, 1.0)[0]) == pytest.approx(4.0 + 12 / 185, abs=1e-3)
+    assert float(distant_cover(same, k, 4, 16, 1.0)[0]) == pytest.approx(1.0 + 15 / 185, abs=1e-3)
+    assert peak_score(four, k, 4, 16, 1.0) == pytest.approx(peak_score(same, k, 4, 16, 1.0), abs=1e-6)
+    assert cover_score(four, k, 4, 16, 1.0) < cover_score(same, k, 4, 16, 1.0)
+    assert cover_score(same, k, 4, 16, 1.0) == pytest.approx(1 - (1 + 15 / 185) / 16, abs=1e-4)
+    assert LazyConfig(score="cover").score == "cover"
+
+
 def test_grid_names_and_wilson():
     grid = make_grid(["lighttransfer", "topk", "random", "streaming"], [0.25, 0.5], [256, 512])
     names = [c.name for c in grid]

@@ -83,11 +83,12 @@ def test_token_exact_with_engine(models, family, mode):
 
 @pytest.mark.parametrize("lazy", [
     LazyConfig(fraction=0.5, sink=3, window=13, probe=8, score="peak"),
+    LazyConfig(fraction=0.5, sink=3, window=13, probe=16, score="cover"),
     LazyConfig(fraction=0.34, sink=3, window=13, probe=16, policy="topk"),
     LazyConfig(sink=2, window=7, policy="streaming"),
     LazyConfig(fraction=0.5, sink=3, window=13, policy="random", seed=3),
     LazyConfig(sink=3, window=13, policy=(0, 4)),
-], ids=["peak", "topk", "streaming", "random", "fixed"])
+], ids=["peak", "cover", "topk", "streaming", "random", "fixed"])
 def test_scores_and_policies_match_engine(models, lazy):
     model = models["qwen3"]
     engine = Engine(model, SpacedIds(), lazy=lazy)

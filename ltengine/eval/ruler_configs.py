@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..config import LazyConfig
+from ..config import SCORES, LazyConfig
 from .grid import EvalConfig
 from .run import equal_bytes_window
 from .scoring import RULES
@@ -63,7 +63,7 @@ class RulerConfig:
     def lazy(self) -> LazyConfig:
         """The session's (or, kind "engine", the streaming-prefill request's) LazyConfig."""
         return LazyConfig(fraction=self.fraction, sink=self.sink, window=self.window, probe=self.probe,
-                          score=self.score if self.score in ("ratio", "peak") else "ratio",
+                          score=self.score if self.score in SCORES else "ratio",
                           streaming_prefill=self.kind == "engine")
 
 
@@ -82,9 +82,9 @@ def parse_config(key: str, sink: int = 4, window: int = 256) -> RulerConfig:
             raise ValueError(f"config {key!r}: the lazy percentage must be in 1..100, got {pct}")
         probe = int(m["probe"]) if m["probe"] else PROBES.get(rule, 64)
         if m["sp"]:
-            if rule not in ("ratio", "peak"):
-                raise ValueError(f"config {key!r}: streaming prefill (-sp) runs the engine's own scores, ratio or "
-                                 f"peak, got {rule!r}")
+            if rule not in SCORES:
+                raise ValueError(f"config {key!r}: streaming prefill (-sp) runs the engine's own scores "
+                                 f"({', '.join(SCORES)}), got {rule!r}")
             return RulerConfig(key, "engine", "lighttransfer", pct / 100, rule, probe, sink, window)
         if rule == "streaming":
             return RulerConfig(key, "streaming", "streaming", pct / 100, "ratio", probe, sink, window)

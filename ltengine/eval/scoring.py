@@ -41,6 +41,7 @@ RULES = {
     "headmin": _headmin,
     "peak": lambda sp, sink, window, probe: sp.ratios(sink, window, probe, "peak"),
     "peak32": _peak(32),
+    "cover": lambda sp, sink, window, probe: sp.ratios(sink, window, probe, "cover"),  # lazy.cover_score
 }
 
 

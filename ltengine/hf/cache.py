@@ -94,7 +94,7 @@ class LightTransferCache(Cache):
     # ---------------------------------------------------------------- reports
     @property
     def score_rule(self) -> str:
-        """How ``layer_scores`` were computed: ``LazyConfig.score`` ("ratio" or "peak")."""
+        """How ``layer_scores`` were computed: ``LazyConfig.score`` ("ratio", "peak" or "cover")."""
         return self.lazy.score
 
     @property

@@ -7,6 +7,7 @@ Ops (shapes token-major, ``[B, T, H_kv, D]`` caches, ``[B, H_q, D]`` queries):
   score_ratio(q, k, sink, window, scale)                     -> float (prefill scoring, the paper's lazy ratio;
                                                                 q [H_q, P, D] last P queries, k [H_kv, T, D])
   score_peak(q, k, sink, window, scale)                      -> float (1 - best head's mass on its 8 top distant keys)
+  score_cover(q, k, sink, window, scale)                     -> float (1 - best head's distinct distant text / 16)
   paged_decode(q, k_pool, v_pool, tables, n_valid, scale[, k_scale, v_scale]) -> [B, H_q, D] (pool [NB, BS, H_kv, D],
                                                                 tables [B, MB]; an fp8 pool's scales [NB, BS, H_kv])
   paged_truncate_(k_pool, v_pool, tables, lengths, sink, window) -> None (in place: each row's kept tokens into
@@ -43,9 +44,9 @@ __all__ = [
     "truncate_kv_ref_",
 ]
 
-OPS = ("decode_full", "decode_sink_window", "truncate_kv_", "score_ratio", "score_peak", "paged_decode",
+OPS = ("decode_full", "decode_sink_window", "truncate_kv_", "score_ratio", "score_peak", "score_cover", "paged_decode",
        "paged_truncate_", "prefill_sink_window")
-SCORE_OPS = {"ratio": "score_ratio", "peak": "score_peak"}  # LazyConfig.score -> op
+SCORE_OPS = {"ratio": "score_ratio", "peak": "score_peak", "cover": "score_cover"}  # LazyConfig.score -> op
 IMPLS = ("cuda", "cpp", "triton", "sdpa", "reference")  # cpp: the CPU truncate_kv_ of ltengine._C
 
 _Supports = Callable[[torch.dtype, int], bool]
@@ -71,7 +72,7 @@ def _lazy_score():
 def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
     """Every usable implementation per op on this device, fastest first."""
     from ltengine.kernels import paged, prefill
-    from ltengine.lazy import lazy_ratio, peak_score  # the reference scorers live with the policies
+    from ltengine.lazy import cover_score, lazy_ratio, peak_score  # the reference scorers live with the policies
 
     ref = {
         "decode_full": _Impl("reference", decode_full_ref),
@@ -79,6 +80,7 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
         "truncate_kv_": _Impl("reference", truncate_kv_ref_),
         "score_ratio": _Impl("reference", lazy_ratio),
         "score_peak": _Impl("reference", peak_score),
+        "score_cover": _Impl("reference", cover_score),
         "paged_decode": _Impl("reference", paged.paged_decode_ref),
         "paged_truncate_": _Impl("reference", paged.paged_truncate_ref_),
         "prefill_sink_window": _Impl("reference", prefill.prefill_sink_window_ref),

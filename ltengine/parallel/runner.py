@@ -69,16 +69,16 @@ def reduced_scorer(rule: str, local, group: TPGroup):
     """A layer scorer whose score covers every rank's query heads (one host all-reduce per layer).
 
     "ratio": the mean kept mass over heads and probe rows, so the per-rank *sums* (local mean x local
-    rows) and row counts are summed, then divided. "peak": 1 - the largest head's distant mass, so the
-    minimum of the ranks' scores (exact)."""
+    rows) and row counts are summed, then divided. "peak" / "cover": 1 - the largest head's distant
+    mass (coverage), so the minimum of the ranks' scores (exact)."""
     if rule == "ratio":
         def score(q, k, sink, window, scale):
             rows = q.shape[0] * q.shape[1]  # this rank's query heads x probe rows
             total, count = group.reduce_host([local(q, k, sink, window, scale) * rows, rows], "sum")
             return total / count
-    elif rule == "peak":
+    elif rule in ("peak", "cover"):
         def score(q, k, sink, window, scale):
             return group.reduce_host([local(q, k, sink, window, scale)], "min")[0]
     else:
-        raise ValueError(f"tensor parallelism has no reduction for score rule {rule!r} (ratio, peak)")
+        raise ValueError(f"tensor parallelism has no reduction for score rule {rule!r} (ratio, peak, cover)")
     return score

@@ -12,6 +12,7 @@ import signal
 import sys
 
 from ..cli import KV_DTYPE_CHOICES
+from ..config import SCORES
 
 
 def add_subcommand(subparsers) -> None:
@@ -27,7 +28,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--fraction", type=float, default=None, help="share of layers made lazy, 0..1 (0 = full attention)")
     p.add_argument("--window", type=int, default=None, help="recent tokens a lazy layer keeps")
     p.add_argument("--sink", type=int, default=None, help="first tokens a lazy layer keeps")
-    p.add_argument("--score", default=None, choices=["ratio", "peak"], help="how layers are scored")
+    p.add_argument("--score", default=None, choices=list(SCORES), help="how layers are scored")
     p.add_argument("--policy", default=None, help="lighttransfer | topk | random | streaming | comma-separated layers")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + max_tokens (default: the model's context)")
     p.add_argument("--max-waiting", type=int, default=None,
