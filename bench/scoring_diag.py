@@ -23,6 +23,7 @@ from ltengine.eval.ruler import make_samples
 from ltengine.eval.ruler_decode import Job, batched_greedy
 from ltengine.eval.ruler_prompt import string_match_all
 from ltengine.eval.ruler_configs import parse_config
+from ltengine.eval.scoring import layer_scores
 from ltengine.lazy import probe_probs
 from ltengine.models import load_model
 
@@ -69,7 +70,9 @@ def main() -> None:
         sp = shared_prefill(ad, s.ids, 64)
         n_layers, t = sp.num_layers, len(s.ids)
         peak = sp.ratios(4, 256, 16, "peak")
-        lazy = {c: parse_config(c).eval_config(t, n_layers).lazy_layers(sp) for c in args.configs.split(",")}
+        cfgs = {c: parse_config(c) for c in args.configs.split(",")}
+        lazy = {c: cfg.eval_config(t, n_layers).lazy_layers(sp) for c, cfg in cfgs.items()}
+        scores = {c: layer_scores(sp, cfg.sink, cfg.window, cfg.probe, cfg.score) for c, cfg in cfgs.items()}
         jobs = [Job(sp.full, frozenset(ls), 4, 256, sp.logits, t, s.max_new_tokens, s.answers)
                 for ls in [[], *lazy.values()]]
         outs = batched_greedy(ad, jobs, engine.eos_ids, lambda x: tok.decode(x, skip_special_tokens=True))
@@ -93,27 +96,44 @@ def main() -> None:
             prb = [i for i in range(n_layers) if float(qk[i][v, :, :16].max()) >= args.thr]
             readers.append(dec)
             seen.append(prb)
+        union = sorted(set().union(*map(set, readers)))
+        auc = {c: reader_auc(sc, union) for c, sc in scores.items()}
         rec = dict(index=s.index, prompt_tokens=t, answers=s.answers,
                    full=texts[0], answers_by_rule={r: tx for r, tx in zip(lazy, texts[1:])},
                    full_score=string_match_all(texts[0], s.answers),
                    scores={r: string_match_all(tx, s.answers) for r, tx in zip(lazy, texts[1:])},
                    keys_in_probe16=in_probe, needle_tokens=vals,
-                   peak_scores=[round(x, 3) for x in peak], lazy=lazy, readers=readers, probe_sees=seen,
+                   peak_scores=[round(x, 3) for x in peak], layer_scores=scores, reader_auc=auc, lazy=lazy, readers=readers, probe_sees=seen,
                    max_mass=[[round(float(qk[i][v, :, 15:].max()), 2) for i in range(n_layers)] for v in range(len(vals))])
         dump.append(rec)
         print(f"\n=== {args.task} #{s.index}: {t} tokens; answers {s.answers}")
         print(f"full ({rec['full_score']:.2f}): {texts[0]!r}")
         for r, tx in zip(lazy, texts[1:]):
-            print(f"{r} ({string_match_all(tx, s.answers):.2f}): {tx!r}   lazy {lazy[r]}")
+            print(f"{r} ({string_match_all(tx, s.answers):.2f}): {tx!r}   lazy {lazy[r]}  reader AUC {auc[r]}")
         print(f"keys inside the last 16 rows: {in_probe} of {_keys(s)}")
         print("peak score per layer:", " ".join(f"{i}:{x:.2f}" for i, x in enumerate(peak)))
         for v, (dec, prb) in enumerate(zip(readers, seen)):
             lost = {c: [i for i in dec if i in ls] for c, ls in lazy.items()}
             print(f"needle {v} ({s.answers[v]} at tokens {vals[v]}): read during decode by layers {dec}; "
                   f"seen by the last 16 rows in {prb}; demoted readers: {lost}")
+    for c in args.configs.split(","):
+        ok = [r["reader_auc"][c] for r in dump if r["full_score"] == 1.0 and r["reader_auc"][c] is not None]
+        dem = [len(set(r["lazy"][c]) & set().union(*map(set, r["readers"]))) for r in dump if r["full_score"] == 1.0]
+        print(f"{c}: over the {len(ok)} samples full answers right, reader AUC {sum(ok) / max(1, len(ok)):.2f}, "
+              f"readers demoted {sum(dem) / max(1, len(dem)):.1f} on average")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dump, f, indent=1)
+
+
+def reader_auc(scores: list[float], readers: list[int]) -> float | None:
+    """P(a non-reader layer scores lazier than a reader layer), ties half: 1 = the rule ranks every
+    reader below every non-reader (keeps readers first), 0.5 = no better than chance."""
+    rd = [scores[i] for i in readers]
+    nr = [x for i, x in enumerate(scores) if i not in readers]
+    if not rd or not nr:
+        return None
+    return sum((a > b) + 0.5 * (a == b) for a in nr for b in rd) / (len(rd) * len(nr))
 
 
 def _keys(s) -> list[str]:
