@@ -30,7 +30,7 @@ DEFAULT_CONFIGS = ("full", "ratio25", "ratio50", "peak25", "peak50", "random50",
 SESSION_MODES = {"session-full": "context", "session-context": "context", "session-question": "question"}
 _RULES = "|".join(sorted([*RULES, "random", "streaming"], key=len, reverse=True))
 _LAZY = re.compile(rf"^(?P<rule>{_RULES})(?P<pct>\d{{1,3}})(?:-p(?P<probe>\d+))?(?P<sp>-sp)?$")
-PROBES = {"ratio": 64, "peak": 16, "cover": 64}  # each rule's measured default probe (bench/RESULTS.md, issues #5, 13)
+PROBES = {"ratio": 64, "peak": 16, "cover": 64}  # each rule's measured default probe (bench/RESULTS.md, issues #5, 13); others 64
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,21 @@
     their 8 (32) most-attended *distant* keys (neither sink nor recent). A retrieval head puts its
     distant mass on a few tokens (the needle) and scores low (stays full); a layer whose distant
     attention is diffuse, or that has none, scores high (lazy). Needle-agnostic: it never sees the span.
+"rowmax": ``peak`` with the *largest* probe row instead of the mean over rows: 1 - max over heads and
+    rows of a row's mass on its 8 most-attended distant keys. A retrieval head reads a needle on the
+    few rows that name its key (an induction hit on the question's key tokens), not on every row, so
+    the mean dilutes it; the max keeps it (RULER scoring study, bench/RESULTS.md).
+"cover": the engine's ``lazy.cover_score`` (``LazyConfig(score="cover")``, the default model's since
+    this study): 1 - (max over heads of the summed top-16 of each distant key's *largest* probability
+    over the probe rows) / 16: how much distinct distant text a head reads across the rows. A head
+    reading four needles on four rows covers four needles; a head that every row points at the same
+    few instruction tokens covers only those.
 """
 from __future__ import annotations
 
 import torch
 
-from ..lazy import distant_peak, kept_mass
+from ..lazy import PEAK_KEYS, cover_score, distant_peak, kept_mass, probe_probs
 from .harness import SharedPrefill
 
 
@@ -36,12 +45,37 @@ def _peak(m: int):
     return rule
 
 
+def _distant_probs(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> torch.Tensor:
+    """Probabilities ``[H_q, P, T]`` of the P probe rows on distant keys (neither sink nor recent), 0 elsewhere."""
+    probs, pos_q, pos_k = probe_probs(q, k, scale)
+    distant = (pos_k >= sink) & (pos_k <= pos_q - window)
+    return (probs * distant).reshape(q.shape[0], q.shape[1], k.shape[1])
+
+
+def row_peaks(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float, keys: int = PEAK_KEYS) -> torch.Tensor:
+    """Per head and probe row, the mass on the row's ``keys`` most-attended distant keys: ``[H_q, P]``
+    (``distant_peak`` is its mean over rows)."""
+    d = _distant_probs(q, k, sink, window, scale)
+    return d.topk(min(keys, d.shape[-1]), dim=-1).values.sum(dim=-1)
+
+
+def _per_layer(score):
+    def rule(sp: SharedPrefill, sink: int, window: int, probe: int) -> list[float]:
+        p = min(probe, len(sp.ids))
+        if p > sp.q_tail[0].shape[0]:
+            raise ValueError(f"probe {probe} exceeds the {sp.q_tail[0].shape[0]} queries kept (max_probe)")
+        return [score(q[-p:].transpose(0, 1), c.k.transpose(0, 1), sink, window, sp.adapter.scale)
+                for q, c in zip(sp.q_tail, sp.full)]
+    return rule
+
+
 RULES = {
     "ratio": lambda sp, sink, window, probe: sp.ratios(sink, window, probe, "ratio"),
     "headmin": _headmin,
     "peak": lambda sp, sink, window, probe: sp.ratios(sink, window, probe, "peak"),
     "peak32": _peak(32),
-    "cover": lambda sp, sink, window, probe: sp.ratios(sink, window, probe, "cover"),  # lazy.cover_score
+    "rowmax": _per_layer(lambda q, k, s, w, sc: 1.0 - float(row_peaks(q, k, s, w, sc).max())),
+    "cover": _per_layer(cover_score),  # the engine's LazyConfig(score="cover")
 }
 
 
