@@ -111,7 +111,7 @@ def _ruler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=25, help="samples per task and length (RULER-style tables use >= 25)")
     p.add_argument("--tasks", type=_choices(TASKS), default=list(TASKS), help=f"comma-separated from {','.join(TASKS)}")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                   help="comma-separated: full, ratio50, peak25, peak50-p64, headmin50, random50, streaming (equal KV "
+                   help="comma-separated: full, ratio50, peak25, cover50, peak50-p64, rowmax50, headmin50, random50, streaming (equal KV "
                         "bytes to 50%% lazy), session-full, session-context, session-question")
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=256)
