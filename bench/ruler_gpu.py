@@ -24,8 +24,8 @@ from ltengine.eval.ruler_report import merge  # noqa: E402
 from ltengine.eval.ruler_tasks import TASKS  # noqa: E402
 from ltengine.models import load_model  # noqa: E402
 
-MAIN = "full,ratio25,ratio50,peak25,peak50,random50,streaming"
-HELDOUT = "full,ratio50,peak50,peak50-p64"  # the CPU pilot: peak p16 > p64 > ratio; peak32 and headmin worse
+MAIN = "full,ratio25,ratio50,peak25,peak50,cover25,cover50,random50,streaming"
+HELDOUT = "full,ratio50,peak50,cover50"  # peak p16 (the old default) vs cover p64 (the default since the scoring study)
 SESSIONS = "session-context,session-question"  # session-full (= full through sessions) on request
 
 

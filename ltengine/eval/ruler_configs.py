@@ -25,7 +25,7 @@ from .grid import EvalConfig
 from .run import equal_bytes_window
 from .scoring import RULES
 
-DEFAULT_CONFIGS = ("full", "ratio25", "ratio50", "peak25", "peak50", "random50", "streaming",
+DEFAULT_CONFIGS = ("full", "ratio25", "ratio50", "peak25", "peak50", "cover25", "cover50", "random50", "streaming",
                    "session-context", "session-question")
 SESSION_MODES = {"session-full": "context", "session-context": "context", "session-question": "question"}
 _RULES = "|".join(sorted([*RULES, "random", "streaming"], key=len, reverse=True))
