@@ -12,6 +12,7 @@ for activations; a CPU model uses gloo.
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import time
 import traceback
@@ -169,16 +170,26 @@ def stop_workers(engine) -> None:
         engine.mirror.sync("stop")
     except Exception:  # noqa: BLE001 - a dead worker: nothing to stop
         pass
+    shutdown(group)  # (before the joins: a worker leaves only once every rank is past the barrier)
     for p in group.workers:
         p.join(30)
         if p.is_alive():
             p.kill()
             p.join(5)
-    shutdown(group)
+
+
+SHUTDOWN_BARRIER_S = 10.0  # how long a rank waits for the others at shutdown before leaving anyway
 
 
 def shutdown(group: TPGroup) -> None:
+    """Leave the process group, after a barrier on the control group: a rank that tore its connections
+    down while another was still in its last collective made that one abort (gloo, SIGABRT at exit,
+    seen once in CI). A dead peer costs the barrier's timeout, then the rank leaves anyway."""
     if group.owns_default and dist.is_initialized():
+        try:
+            dist.monitored_barrier(group=group.control, timeout=datetime.timedelta(seconds=SHUTDOWN_BARRIER_S))
+        except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+            pass
         dist.destroy_process_group()
     group.owns_default = False
 
