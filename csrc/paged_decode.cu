@@ -105,11 +105,11 @@ __device__ __forceinline__ void slot_of(const PagedParams& p, const int32_t* tbl
 struct PlanSmem {
   long long sum[kWarps];
   int mx[kWarps], nz[kWarps], cnt[2][kWarps], scan[kWarps];
-  int row, first, count;
+  int row, first;
 };
 
 struct Plan {
-  int per, total, row, first, count;
+  int per, total, row, first;
 };
 
 // Chunks of `per` keys the whole batch takes: sum over rows of cdiv(n, per) (all threads must call; every
@@ -128,9 +128,9 @@ __device__ __forceinline__ int count_chunks(const PagedParams& p, int per, PlanS
   return total;
 }
 
-// The balanced schedule, worked out by every thread of the CTA from n_valid (all threads must call).
-// chunk >= 0: find the row whose chunks contain `chunk`; else: row `row`'s first chunk and count.
-// write_rows: also store every row's (first chunk, count) in p.row_plan.
+// The balanced schedule, worked out by every thread of the CTA from n_valid (all threads must call):
+// the row whose chunks contain `chunk` and that row's first chunk; write_rows: also store every row's
+// (first chunk, count) in p.row_plan, which the combine kernel reads.
 //
 // The chunk size `per` is a multiple of kCtaN, >= min_chunk, and puts no row in more than kRowChunks
 // chunks. Resident CTAs do equal work in lockstep waves of p.slots chunks per kv head, so the time is
@@ -138,7 +138,7 @@ __device__ __forceinline__ int count_chunks(const PagedParams& p, int per, PlanS
 // construction (sum / per + rows with keys <= w x slots) is costed and the cheapest taken, then shrunk by
 // a binary search to the smallest size whose chunk count still fits those waves. Where a wave cannot hold
 // every row's last partial chunk the bound becomes sum / (T / 2) + B chunks, inside the grid's tph + B.
-__device__ Plan balanced_plan(const PagedParams& p, int chunk, int row, PlanSmem& sm, bool write_rows = false) {
+__device__ Plan balanced_plan(const PagedParams& p, int chunk, PlanSmem& sm, bool write_rows) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   long long sum = 0;
   int mx = 0, nz = 0;
@@ -162,7 +162,6 @@ __device__ Plan balanced_plan(const PagedParams& p, int chunk, int row, PlanSmem
   if (tid == 0) {
     sm.row = -1;
     sm.first = 0;
-    sm.count = 0;
   }
   __syncthreads();
   sum = 0;
@@ -192,7 +191,7 @@ __device__ Plan balanced_plan(const PagedParams& p, int chunk, int row, PlanSmem
   }
   // Chunks past this bound are empty whatever the search below finds: such a CTA leaves now.
   const int bound = fit_of(target) + nz;  // = target unless the tails need the fallback
-  if (chunk > 0 && chunk >= bound && !write_rows) return Plan{0, 0, -1, 0, 0};
+  if (chunk > 0 && chunk >= bound && !write_rows) return Plan{0, 0, -1, 0};
   int hi = units(max((sum + fit_of(target) - 1) / fit_of(target), floor_per));  // fits `target` (see above)
   int lo = units(max((sum + target - 1) / target, floor_per));  // nothing smaller fits `target`
   for (int buf = 0; lo < hi; buf ^= 1) {                        // CTA-uniform
@@ -221,11 +220,9 @@ __device__ Plan balanced_plan(const PagedParams& p, int chunk, int row, PlanSmem
     }
     incl += carry + woff;
     const int excl = incl - ch;
-    const bool hit = chunk >= 0 ? (ch > 0 && excl <= chunk && chunk < incl) : (r == row);
-    if (hit) {
+    if (ch > 0 && excl <= chunk && chunk < incl) {
       sm.row = r;
       sm.first = excl;
-      sm.count = ch;
     }
     if (write_rows && r < p.B) {
       p.row_plan[2 * r] = excl;
@@ -235,7 +232,7 @@ __device__ Plan balanced_plan(const PagedParams& p, int chunk, int row, PlanSmem
     __syncthreads();
   }
   __syncthreads();
-  return Plan{iper, carry, sm.row, sm.first, sm.count};
+  return Plan{iper, carry, sm.row, sm.first};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -617,7 +614,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : S == 2 ? 3 : 2) page
   // kv head, i.e. whole token rows of the pool (H_kv x D contiguous), not one head's slice of each.
   const int chunk = blockIdx.y;
   const int mt = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles;
-  const Plan plan = balanced_plan(p, chunk, -1, plan_sm, chunk == 0 && blockIdx.x == 0);
+  const Plan plan = balanced_plan(p, chunk, plan_sm, chunk == 0 && blockIdx.x == 0);
   if (chunk >= plan.total) return;  // uniform: past the batch's chunk count
   const int b = plan.row;
   const int start = (chunk - plan.first) * plan.per;
@@ -708,7 +705,7 @@ __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams 
   __shared__ float sm_ml[kWarps][GT][2];
   __shared__ PlanSmem plan_sm;
   const int tile = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles, chunk = blockIdx.y;  // heads fastest
-  const Plan plan = balanced_plan(p, chunk, -1, plan_sm, chunk == 0 && blockIdx.x == 0);
+  const Plan plan = balanced_plan(p, chunk, plan_sm, chunk == 0 && blockIdx.x == 0);
   if (chunk >= plan.total) return;
   const int b = plan.row;
   const int start = (chunk - plan.first) * plan.per;
@@ -838,8 +835,8 @@ __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams 
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Merge row b's chunks: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); a row with no key -> 0.
-// Merge each (row, query head)'s chunk partials. Warp w takes the row's chunks w, w + kWarps, ...: it
+// Merge each (row b, query head)'s chunk partials: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), a
+// row with no key -> 0. Warp w takes the row's chunks w, w + kWarps, ...: it
 // loads their log2-sum-exps and (16 bytes a lane) their outputs at once, merges them against its own
 // max, and the CTA then merges the warps' (max, sum, output) through shared memory: every load of a
 // row is issued in one round trip after the row plan's.
@@ -926,7 +923,7 @@ int multiprocessor_count(int device) {
 
 // The schedule's grid and partial buffers, once the kernel (hence its resident CTAs per SM) is known.
 struct Split {
-  int64_t programs;  // target chunks over all kv heads; 0: whole waves of resident CTAs, ~kProgramsPerSM per SM
+  int64_t programs;  // most chunks over all kv heads; 0: whole waves of resident CTAs, ~kProgramsPerSM per SM
   at::TensorOptions f32;
   at::Tensor o_part, lse_part, row_plan;
 };
@@ -935,15 +932,13 @@ struct Split {
 // slots costs a nearly empty wave (16 per SM at 3 resident CTAs was 5.05 waves on the 50% lazy budget
 // shape). The default target is a whole number of waves, ~kProgramsPerSM per SM; balanced_plan keeps the
 // chunk count at or under it.
+// `resident`: CTAs per SM (resident_ctas, >= 1).
 void plan_split(PagedParams& p, Split& split, int resident, int device) {
   const int sms = multiprocessor_count(device);
-  int64_t progs = split.programs;
-  if (progs == 0) {
-    const int per_sm = std::max(1, resident);
-    progs = int64_t{std::max(1, (kProgramsPerSM + per_sm / 2) / per_sm)} * per_sm * sms;
-  }
+  const int64_t progs = split.programs > 0 ? split.programs
+                                           : int64_t{std::max(1, (kProgramsPerSM + resident / 2) / resident)} * resident * sms;
   p.tph = static_cast<int>(std::max<int64_t>(1, progs / p.H_kv));
-  p.slots = static_cast<int>(std::max<int64_t>(1, int64_t{std::max(1, resident)} * sms / (int64_t{p.H_kv} * p.m_tiles)));
+  p.slots = static_cast<int>(std::max<int64_t>(1, int64_t{resident} * sms / (int64_t{p.H_kv} * p.m_tiles)));
   p.n_chunks = p.tph + p.B;  // balanced_plan: at most max(tph, tph / 2 + B) chunks per kv head
   LT_CHECK(p.n_chunks <= 65535, "paged_decode: ", p.n_chunks, " chunks per kv head (programs=", split.programs,
            ", B=", p.B, ") exceed the grid's 65535");
@@ -987,7 +982,7 @@ void launch_mma(PagedParams& p, Split& split, int device, cudaStream_t stream) {
     }
   }
   p.m_tiles = (p.G + 15) / 16;
-  plan_split(p, split, resident_ctas(kernel, smem, device, resident) , device);
+  plan_split(p, split, resident_ctas(kernel, smem, device, resident), device);
   const dim3 grid(static_cast<unsigned>(p.H_kv * p.m_tiles), static_cast<unsigned>(p.n_chunks));
   kernel<<<grid, kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
