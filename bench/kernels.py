@@ -74,7 +74,7 @@ def decode_table(bw: float, knobs: bool, stages: bool = False) -> list[dict]:
         cells = [f"{res[k] / 1e9:6.0f} GB/s {row[f'{k}_pct_copy']:5.1f}%" for k, _, _ in impls]
         print(f"{name:46s} {cells[0]} {cells[1]}  {res['cuda'] / res['triton']:5.2f}x      | {cells[2]} {cells[3]}  "
               f"{res['cuda_fp8'] / res['triton_fp8']:5.2f}x", flush=True)
-        if knobs:  # chunks per SM: the Triton kernel's target; the CUDA kernel's cap (default ~16, whole waves)
+        if knobs:  # chunks per SM: the Triton kernel's target; the CUDA kernel's cap (default ~12, whole waves)
             sweep = {}
             for impl, fn, values in (("cuda", kcuda.paged_decode, (4, 8, 12, 16, 24, 32)),
                                      ("triton", paged_decode_triton, (8, 20, 32))):
@@ -97,11 +97,11 @@ def breakdown(bw: float) -> list[dict]:
     the profiler over 16 eager calls (tables rotating over distinct blocks, so nothing is re-read from
     L2); the attention kernel's own % of copy bandwidth beside it."""
     from torch.profiler import ProfilerActivity, profile
-    out = []
+    out, row = [], 8 * 128 * 2  # bytes of one token's K (or V): paged_case's 8 kv heads x D 128, bf16
     for name, b, t, bucket, width, short, _ in SHAPES:
-        copies = max(1, min(16, int(8e9 // (2 * b * t * 8 * 256))))
+        copies = max(1, min(16, int(8e9 // (2 * b * t * row))))
         q, k, v, tables, n = paged_case(b, t, copies, bucket, width, short=short)
-        bytes_read = 2 * int(n.sum()) * 8 * 256
+        bytes_read = 2 * int(n.sum()) * row
         for impl, fn in (("triton", paged_decode_triton), ("cuda", kcuda.paged_decode)):
             fn(q, k, v, tables[0], n, 0.1)
             torch.cuda.synchronize()

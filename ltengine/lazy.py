@@ -52,6 +52,13 @@ def lazy_ratio(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: 
     return float(kept_mass(q, k, sink, window, scale).mean())
 
 
+def distant_probs(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> torch.Tensor:
+    """``probe_probs`` kept on *distant* keys only (neither sink nor within ``window`` of the query), 0
+    elsewhere: ``[H_kv, G, P, T]``."""
+    probs, pos_q, pos_k = probe_probs(q, k, scale)
+    return probs * ((pos_k >= sink) & (pos_k <= pos_q - window))
+
+
 PEAK_KEYS = 8  # distant keys counted by peak_score
 
 
@@ -59,9 +66,8 @@ def distant_peak(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale
                  keys: int = PEAK_KEYS) -> torch.Tensor:
     """Per query head, the mean over the P queries of the probability on the ``keys`` most-attended
     *distant* keys (neither sink nor within ``window``). q ``[H_q, P, D]``, k ``[H_kv, T, D]`` -> ``[H_q]``."""
-    probs, pos_q, pos_k = probe_probs(q, k, scale)
-    distant = (pos_k >= sink) & (pos_k <= pos_q - window)
-    return (probs * distant).topk(min(keys, k.shape[1]), dim=-1).values.sum(dim=-1).mean(dim=-1).reshape(q.shape[0])
+    d = distant_probs(q, k, sink, window, scale)
+    return d.topk(min(keys, k.shape[1]), dim=-1).values.sum(dim=-1).mean(dim=-1).reshape(q.shape[0])
 
 
 def peak_score(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> float:
@@ -84,9 +90,7 @@ def distant_cover(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scal
     """Per query head, the sum of the ``keys`` largest, over distant keys (neither sink nor within
     ``window``), of each key's *largest* probability over the P probe queries: how much distinct distant
     text the head reads across the rows, in ``[0, keys]``. q ``[H_q, P, D]``, k ``[H_kv, T, D]`` -> ``[H_q]``."""
-    probs, pos_q, pos_k = probe_probs(q, k, scale)
-    distant = (pos_k >= sink) & (pos_k <= pos_q - window)
-    per_key = (probs * distant).amax(dim=2)  # [H_kv, G, T]: each key's best row
+    per_key = distant_probs(q, k, sink, window, scale).amax(dim=2)  # [H_kv, G, T]: each key's best row
     return per_key.topk(min(keys, k.shape[1]), dim=-1).values.sum(dim=-1).reshape(q.shape[0])
 
 
@@ -102,7 +106,6 @@ def cover_score(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale:
     bench/RESULTS.md, issue 13).
     """
     return 1.0 - float(distant_cover(q, k, sink, window, scale).max()) / COVER_KEYS
-
 
 
 class LayerPolicy:

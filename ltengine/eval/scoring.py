@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lazy import PEAK_KEYS, cover_score, distant_peak, kept_mass, probe_probs
+from ..lazy import PEAK_KEYS, cover_score, distant_peak, distant_probs, kept_mass
 from .harness import SharedPrefill
 
 
@@ -45,17 +45,10 @@ def _peak(m: int):
     return rule
 
 
-def _distant_probs(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float) -> torch.Tensor:
-    """Probabilities ``[H_q, P, T]`` of the P probe rows on distant keys (neither sink nor recent), 0 elsewhere."""
-    probs, pos_q, pos_k = probe_probs(q, k, scale)
-    distant = (pos_k >= sink) & (pos_k <= pos_q - window)
-    return (probs * distant).reshape(q.shape[0], q.shape[1], k.shape[1])
-
-
 def row_peaks(q: torch.Tensor, k: torch.Tensor, sink: int, window: int, scale: float, keys: int = PEAK_KEYS) -> torch.Tensor:
     """Per head and probe row, the mass on the row's ``keys`` most-attended distant keys: ``[H_q, P]``
     (``distant_peak`` is its mean over rows)."""
-    d = _distant_probs(q, k, sink, window, scale)
+    d = distant_probs(q, k, sink, window, scale).reshape(q.shape[0], q.shape[1], k.shape[1])  # [H_q, P, T]
     return d.topk(min(keys, d.shape[-1]), dim=-1).values.sum(dim=-1)
 
 
