@@ -120,15 +120,15 @@ class DocumentSession:
         n_layers = e.num_layers
         if lazy.enabled and needs_scores(lazy) and not e.config.score_layers:
             raise ValueError(f"policy {lazy.policy!r} needs layer scores; construct the Engine with score_layers=True")
+        # both modes score the document's tail (question mode keeps the scores for context_view)
+        scorer = e.backend.scorer(lazy.score) if lazy.enabled and e.config.score_layers else None
         if self.mode == "context":
             n_full = plan_full_layers(lazy, n_layers, r.capacity, len(ids), 0,
                                       lambda n: r.footprint(len(ids), n, lazy.sink, lazy.window))
             policy = make_policy(lazy, n_layers, n_full)
-            scorer = e.backend.scorer(lazy.score) if lazy.enabled and e.config.score_layers else None
-        else:  # question-scored: the document stays full in every layer (scored all the same, for context_view)
+        else:  # question-scored: the document stays full in every layer
             n_full = n_layers
             policy = make_policy(FULL, n_layers, n_layers)
-            scorer = e.backend.scorer(lazy.score) if lazy.enabled and e.config.score_layers else None
             self.n_full = plan_full_layers(lazy, n_layers, None, len(ids), 0, lambda n: 0)
         self.need = r.footprint(len(ids), n_full, lazy.sink, lazy.window)
         self.doc_ids = ids
