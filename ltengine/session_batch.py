@@ -30,6 +30,19 @@ from .sequence import GenerationOutput, RequestOutput
 from .stepper import _sample
 
 
+def pack(items: list, tokens, budget: int, most: int | None = None) -> list[list]:
+    """Consecutive ``items`` in groups of at most ``budget`` tokens (``tokens(item)``; one item at least)
+    and at most ``most`` items; [] for no items."""
+    groups, n = [[]], 0
+    for item in items:
+        if groups[-1] and (n + tokens(item) > budget or len(groups[-1]) == most):
+            groups.append([])
+            n = 0
+        groups[-1].append(item)
+        n += tokens(item)
+    return groups if groups[0] else []
+
+
 def prefill_documents(sessions: list) -> float:
     """Prefill the documents of ``sessions`` (not yet prefilled, one engine) in layer-major batches of
     at most ``engine.max_prefill_tokens`` tokens (one document at least). ValueError, with nothing
@@ -41,16 +54,9 @@ def prefill_documents(sessions: list) -> float:
         what = f"the document ({sessions[0].doc_tokens} tokens" if len(sessions) == 1 else \
             f"{len(sessions)} documents ({sum(s.doc_tokens for s in sessions)} tokens"
         raise ValueError(f"{what}) need {need} KV bytes, {r.free} are free in the pool (kv_budget {e.kv_budget})")
-    groups, tokens = [[]], 0
-    for s in sessions:
-        if groups[-1] and tokens + s.doc_tokens > e.max_prefill_tokens:
-            groups.append([])
-            tokens = 0
-        groups[-1].append(s)
-        tokens += s.doc_tokens
     done, total = [], 0.0
     try:
-        for group in groups:
+        for group in pack(sessions, lambda s: s.doc_tokens, e.max_prefill_tokens):
             t0 = e._timed()
             task = r.start_prefill([s.request for s in group])
             task.advance()

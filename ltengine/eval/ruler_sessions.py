@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import SamplingParams
 from ..runners.paged_batch import BUCKETS
+from ..session_batch import pack
 from .ruler_configs import RulerConfig
 from .ruler_prompt import RulerSample, record, string_match_all
 
@@ -27,14 +28,7 @@ MAX_SESSION_BATCH = BUCKETS[-1]  # the paged runner's largest CUDA-graph bucket:
 def session_chunks(samples: list[RulerSample], tokens: int) -> list[list[RulerSample]]:
     """Consecutive samples, as many per chunk as fit ``tokens`` prompt tokens (one at least) and
     ``MAX_SESSION_BATCH``."""
-    chunks, n = [[]], 0
-    for s in samples:
-        if chunks[-1] and (n + len(s.ids) > tokens or len(chunks[-1]) == MAX_SESSION_BATCH):
-            chunks.append([])
-            n = 0
-        chunks[-1].append(s)
-        n += len(s.ids)
-    return chunks if chunks[0] else []
+    return pack(samples, lambda s: len(s.ids), tokens, MAX_SESSION_BATCH)
 
 
 def run_sessions(engine, samples: list[RulerSample], configs: list[RulerConfig], chunk_tokens: int | None = None,
