@@ -6,28 +6,31 @@
 // fp8 pools (float8_e4m3fn) come with per-row fp32 scales [num_blocks, block_size, H_kv]: a key's scale
 // multiplies its score, a value's scale its probability (ltengine/kernels/paged.py, fp8.py).
 //
-// Balanced split-K: every CTA derives, from n_valid alone, one chunk size `per` for the whole batch
-// (at least `min_chunk`, no row in more than kRowChunks chunks, a multiple of kCtaN) and takes the chunk
-// numbered by blockIdx.y (chunks numbered in row order). A row gets chunks in proportion to its keys, so
-// full-length and sink + window rows of one layer keep the GPU evenly loaded. Resident CTAs run in
-// lockstep waves of equal chunks, so `per` is chosen for whole waves (balanced_plan: the cheapest wave
-// count, then the smallest size that fits it), which is where this schedule parts from the Triton
-// kernel's (ltengine/kernels/paged.py: total keys over a fixed target). The grid is fixed by (B, H_kv)
-// alone: one CUDA graph serves any lengths. A second kernel merges each row's chunks (output,
-// log2-sum-exp) from the row plan the first kernel's CTA (0, 0) writes; a row with no keys gets zeros.
+// Balanced split-K: every warp derives, from n_valid alone, one chunk size `per` for the whole batch
+// (at least `min_chunk`, no row in more than kRowChunks chunks, a multiple of kCtaN); chunks are numbered
+// in row order, so a row gets chunks in proportion to its keys and full-length and sink + window rows of
+// one layer keep the GPU evenly loaded. The grid is one wave of resident CTAs per kv head (p.slots, from
+// the occupancy the host reads), each looping over chunks blockIdx.y, + gridDim.y, ...: no CTA is launched
+// only to find it has no work, and the time is about waves x (per + a chunk's fixed cost), so `per` is
+// chosen for whole waves (balanced_plan: the cheapest wave count, then the smallest size that fits it),
+// which is where this schedule parts from the Triton kernel's (ltengine/kernels/paged.py: total keys over
+// a fixed target). The grid is fixed by (B, H_kv) alone: one CUDA graph serves any lengths. A second
+// kernel merges each row's chunks (output, log2-sum-exp) from the row plan the first kernel's CTA (0, 0)
+// writes; a row with no keys gets zeros.
 //
 // Two attention kernels write the same partials:
 //  * mma: bf16/fp16 pools (D a multiple of 8) and fp8 pools (D a multiple of 16), D <= 256 padded to 64,
 //    128 or 256. The CTA (4 warps) owns (chunk, kv head, 16-query-head tile); the G query heads sharing
 //    a kv head are the M rows of m16n8k16 MMAs with fp32 accumulation, so K/V are read once per kv
 //    head whatever G is. Each warp streams its own 16 keys per step through an S-stage cp.async ring in
-//    shared memory (16-byte copies straight from the pool's blocks, zero-filled past the row's end), so
-//    S - 1 steps of K and V are in flight while it computes; fragments are read back with 16-byte
-//    (8-byte for fp8) shared loads from swizzled rows, conflict-free (but for fp8 at D <= 64: 2-way). The
-//    reduction index of Q.K^T and the output columns of P.V are permuted so that a thread's operands are
-//    8 consecutive d. fp8 pools run fp16 MMAs: e4m3 converts to fp16 exactly (cvt.f16x2.e4m3x2); an fp16
-//    q is read as is, a bf16 / fp32 q pre-scaled by the softmax scale and rounded to fp16 (saturating);
-//    P times a value's scale enters the P.V MMA times 2^8, so small-magnitude rows stay normal fp16.
+//    shared memory (16-byte copies straight from the pool's blocks, zero-filled past the row's end; one
+//    table read per step where the block size is a multiple of 16), so S - 1 steps of K and V are in
+//    flight while it computes; fragments are read back with 16-byte (8-byte for fp8) shared loads from
+//    swizzled rows, conflict-free (but for fp8 at D <= 64: 2-way). The reduction index of Q.K^T and the
+//    output columns of P.V are permuted so that a thread's operands are 8 consecutive d. fp8 pools run
+//    fp16 MMAs: e4m3 converts to fp16 exactly (cvt.f16x2.e4m3x2); an fp16 q is read as is, a bf16 / fp32
+//    q pre-scaled by the softmax scale and rounded to fp16 (saturating); P times a value's scale enters
+//    the P.V MMA times 2^8, so small-magnitude rows stay normal fp16.
 //  * simt: fp32 (exact fp32 dots, no TF32). 8 lanes per key, 4 keys per warp step, each lane holding NV
 //    16-byte vectors of the row; up to GT query heads per CTA; warp-uniform loop bounds.
 #include <ATen/ATen.h>
@@ -72,7 +75,7 @@ struct PagedParams {
   const int32_t* n_valid;
   int64_t q_sb, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, t_sb;  // element strides; last dims contiguous
   int B, H_kv, G, m_tiles, D, bs, bs_shift, MB;                   // bs_shift: log2(bs), or -1
-  int tph, min_chunk, n_chunks;  // most chunks per kv head (the cap); the grid's chunk dimension (tph + B)
+  int tph, min_chunk, n_chunks;  // most chunks per kv head (the cap); the grid's chunk dimension (plan_split)
   int slots;                      // CTAs resident at once per (kv head, head tile): one wave
   int32_t* row_plan;              // [B, 2]: each row's first chunk and chunk count, written by the
                                   // attention kernel's CTA (0, 0) for the combine kernel
@@ -102,48 +105,97 @@ __device__ __forceinline__ void slot_of(const PagedParams& p, const int32_t* tbl
   blk = __ldg(tbl + i);
 }
 
-struct PlanSmem {
-  long long sum[kWarps];
-  int mx[kWarps], nz[kWarps], cnt[2][kWarps], scan[kWarps];
-  int row, first;
-};
-
 struct Plan {
-  int per, total, row, first;
+  int per, total;  // the chunk size; the batch's chunks per kv head
 };
 
-// Chunks of `per` keys the whole batch takes: sum over rows of cdiv(n, per) (all threads must call; every
-// thread gets the same value). `buf` alternates between calls so one barrier per call suffices.
-__device__ __forceinline__ int count_chunks(const PagedParams& p, int per, PlanSmem& sm, int buf) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  int ch = 0;
-  for (int r = tid; r < p.B; r += kThreads) ch += (load_n(p, r) + per - 1) / per;
+struct Where {
+  int row, first;  // the row whose chunks contain a chunk; that row's first chunk
+};
+
+__device__ __forceinline__ int warp_sum(int x) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) ch += __shfl_xor_sync(0xffffffffu, ch, o);
-  if (lane == 0) sm.cnt[buf][warp] = ch;
-  __syncthreads();
-  int total = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += sm.cnt[buf][w];
-  return total;
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
 }
 
-// The balanced schedule, worked out by every thread of the CTA from n_valid (all threads must call):
-// the row whose chunks contain `chunk` and that row's first chunk; write_rows: also store every row's
-// (first chunk, count) in p.row_plan, which the combine kernel reads.
+// ceil(a / b) for a >= 0, b >= 1; 32-bit division where a fits (a 64-bit one is a long subroutine).
+__device__ __forceinline__ int cdiv_pos(long long a, int b) {
+  if (a <= 0x7fffffffLL) {
+    const unsigned ua = static_cast<unsigned>(a), ub = static_cast<unsigned>(b);
+    return static_cast<int>(ua / ub + (ua % ub != 0u));
+  }
+  return static_cast<int>((a + b - 1) / b);
+}
+
+// The lengths as one warp reads them: lane l holds rows l, l + 32, ...; the first 32 stay in a register.
+struct Lengths {
+  int n0;  // row `lane`'s length (0 past B)
+  __device__ __forceinline__ int at(const PagedParams& p, int r) const { return r < 32 ? n0 : load_n(p, r); }  // r = lane + 32 k
+  // Chunks of `per` keys the whole batch takes, sum over rows of cdiv(n, per); every lane gets it.
+  __device__ __forceinline__ int chunks(const PagedParams& p, int per) const {
+    int ch = 0;
+    for (int r = threadIdx.x & 31; r < p.B; r += 32) ch += (at(p, r) + per - 1) / per;
+    return warp_sum(ch);
+  }
+};
+
+__device__ __forceinline__ Lengths lengths_of(const PagedParams& p) {
+  const int lane = threadIdx.x & 31;
+  return Lengths{lane < p.B ? load_n(p, lane) : 0};
+}
+
+// The row of chunk `chunk` (chunks numbered in row order, row r taking cdiv(n_r, per)): an inclusive scan
+// of the rows' chunk counts, 32 rows at a time; row -1 past the last. store: also write every row's
+// (first chunk, count) to p.row_plan for the combine kernel (the whole scan runs).
+__device__ __forceinline__ Where locate(const PagedParams& p, const Lengths& len, int per, int chunk, bool store) {
+  const int lane = threadIdx.x & 31;
+  Where w{-1, 0};
+  int carry = 0;
+  for (int t0 = 0; t0 < p.B; t0 += 32) {  // warp-uniform
+    const int r = t0 + lane;
+    const int ch = r < p.B ? (len.at(p, r) + per - 1) / per : 0;
+    int incl = ch;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    incl += carry;
+    const int excl = incl - ch;
+    if (store && r < p.B) {
+      p.row_plan[2 * r] = excl;
+      p.row_plan[2 * r + 1] = ch;
+    }
+    const unsigned hit = __ballot_sync(0xffffffffu, ch > 0 && excl <= chunk && chunk < incl);
+    if (hit) {
+      const int src = __ffs(hit) - 1;
+      w.row = t0 + src;
+      w.first = __shfl_sync(0xffffffffu, excl, src);
+      if (!store) break;
+    }
+    carry = __shfl_sync(0xffffffffu, incl, 31);
+  }
+  return w;
+}
+
+// The balanced schedule, worked out by each warp alone from n_valid (lane-strided rows and shuffles: no
+// shared memory, no barrier; every warp of every CTA computes the same plan): the chunk size `per` and
+// the batch's chunk count.
 //
-// The chunk size `per` is a multiple of kCtaN, >= min_chunk, and puts no row in more than kRowChunks
-// chunks. Resident CTAs do equal work in lockstep waves of p.slots chunks per kv head, so the time is
-// about waves x (per + kChunkCost): for each wave count w up to the cap tph, the size that fits w waves by
-// construction (sum / per + rows with keys <= w x slots) is costed and the cheapest taken, then shrunk by
-// a binary search to the smallest size whose chunk count still fits those waves. Where a wave cannot hold
-// every row's last partial chunk the bound becomes sum / (T / 2) + B chunks, inside the grid's tph + B.
-__device__ Plan balanced_plan(const PagedParams& p, int chunk, PlanSmem& sm, bool write_rows) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+// `per` is a multiple of kCtaN, >= min_chunk, and puts no row in more than kRowChunks chunks. The grid is
+// one wave of p.slots CTAs per kv head, each taking chunks y, y + slots, ...; so the time is about waves x
+// (per + kChunkCost), waves = ceil(chunks / slots): for each wave count w up to the cap tph, the size
+// that fits w waves by construction (sum / per + rows with keys <= w x slots) is counted exactly and
+// costed by the waves its chunks fill, the cheapest taken, then shrunk by a binary search to the smallest
+// size whose chunk count still fits those waves. Where a wave cannot hold every row's last partial chunk
+// the count becomes up to sum / (T / 2) + B, inside the partials' tph + B.
+__device__ Plan balanced_plan(const PagedParams& p, const Lengths& len) {
+  const int lane = threadIdx.x & 31;
   long long sum = 0;
   int mx = 0, nz = 0;
-  for (int r = tid; r < p.B; r += kThreads) {
-    const int n = load_n(p, r);
+  for (int r = lane; r < p.B; r += 32) {
+    const int n = len.at(p, r);
     sum += n;
     mx = max(mx, n);
     nz += n > 0;
@@ -154,85 +206,38 @@ __device__ Plan balanced_plan(const PagedParams& p, int chunk, PlanSmem& sm, boo
     mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     nz += __shfl_xor_sync(0xffffffffu, nz, o);
   }
-  if (lane == 0) {
-    sm.sum[warp] = sum;
-    sm.mx[warp] = mx;
-    sm.nz[warp] = nz;
-  }
-  if (tid == 0) {
-    sm.row = -1;
-    sm.first = 0;
-  }
-  __syncthreads();
-  sum = 0;
-  mx = 0;
-  nz = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    sum += sm.sum[w];
-    mx = max(mx, sm.mx[w]);
-    nz += sm.nz[w];
-  }
-  const long long floor_per = max(static_cast<long long>(p.min_chunk), static_cast<long long>((mx + kRowChunks - 1) / kRowChunks));
-  auto units = [](long long x) { return static_cast<int>((x + kCtaN - 1) / kCtaN); };  // in kCtaN keys, rounded up
+  const int floor_per = (max(p.min_chunk, (mx + kRowChunks - 1) / kRowChunks) + kCtaN - 1) / kCtaN * kCtaN;
   const int slots = max(1, p.slots), waves_cap = (p.tph + slots - 1) / slots;
   auto fit_of = [&](int t) { return max(t - nz, (t + 1) / 2); };  // chunks of keys that fit t with the tails
-  int target = p.tph;
+  int target = p.tph, per = floor_per, count = 0;
   float best = -1.f;
-  for (int w = 1; w <= waves_cap; ++w) {  // CTA-uniform; float estimates (64-bit divisions cost microseconds here)
+  for (int w = 1; w <= waves_cap; ++w) {  // warp-uniform
     const int t = min(w * slots, p.tph);
-    const float per = fmaxf(ceilf(static_cast<float>(sum) / fit_of(t) / kCtaN), ceilf(static_cast<float>(floor_per) / kCtaN)) * kCtaN;
-    const float most = ceilf(static_cast<float>(sum) / per) + nz;  // chunks at this size, at most
-    const float cost = ceilf(most / slots) * (per + kChunkCost);
+    const int size = max(cdiv_pos(cdiv_pos(sum, fit_of(t)), kCtaN) * kCtaN, floor_per);  // fits t
+    const int n = len.chunks(p, size);
+    const float cost = static_cast<float>((n + slots - 1) / slots) * static_cast<float>(size + kChunkCost);
     if (best < 0.f || cost < best) {
       best = cost;
-      target = t;
+      target = min((n + slots - 1) / slots * slots, p.tph);
+      per = size;
+      count = n;
     }
+    if (size == floor_per) break;  // more waves cannot shrink the chunks further
   }
-  // Chunks past this bound are empty whatever the search below finds: such a CTA leaves now.
-  const int bound = fit_of(target) + nz;  // = target unless the tails need the fallback
-  if (chunk > 0 && chunk >= bound && !write_rows) return Plan{0, 0, -1, 0};
-  int hi = units(max((sum + fit_of(target) - 1) / fit_of(target), floor_per));  // fits `target` (see above)
-  int lo = units(max((sum + target - 1) / target, floor_per));  // nothing smaller fits `target`
-  for (int buf = 0; lo < hi; buf ^= 1) {                        // CTA-uniform
+  // the smallest size whose chunks still fit `target` (per fits it; nothing under sum / target does)
+  int lo = max(cdiv_pos(sum, target), floor_per) / kCtaN, hi = per / kCtaN;
+  lo = min(lo, hi);
+  while (lo < hi) {  // warp-uniform
     const int mid = (lo + hi) / 2;
-    if (count_chunks(p, mid * kCtaN, sm, buf) <= target) hi = mid;
-    else lo = mid + 1;
+    const int n = len.chunks(p, mid * kCtaN);
+    if (n <= target) {
+      hi = mid;
+      count = n;
+    } else {
+      lo = mid + 1;
+    }
   }
-  const int iper = hi * kCtaN;
-  int carry = 0;
-  for (int t0 = 0; t0 < p.B; t0 += kThreads) {
-    const int r = t0 + tid;
-    const int ch = r < p.B ? (load_n(p, r) + iper - 1) / iper : 0;
-    int incl = ch;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += y;
-    }
-    if (lane == 31) sm.scan[warp] = incl;
-    __syncthreads();
-    int woff = 0, tile = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      woff += w < warp ? sm.scan[w] : 0;
-      tile += sm.scan[w];
-    }
-    incl += carry + woff;
-    const int excl = incl - ch;
-    if (ch > 0 && excl <= chunk && chunk < incl) {
-      sm.row = r;
-      sm.first = excl;
-    }
-    if (write_rows && r < p.B) {
-      p.row_plan[2 * r] = excl;
-      p.row_plan[2 * r + 1] = ch;
-    }
-    carry += tile;
-    __syncthreads();
-  }
-  __syncthreads();
-  return Plan{iper, carry, sm.row, sm.first};
+  return Plan{hi * kCtaN, count};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -520,12 +525,14 @@ struct WarpAttn {
     // The S accumulator layout of the two n-tiles is the A layout of P (FlashAttention-2 register reuse).
     const uint32_t pa[4] = {Mma<T>::pack(ps[0][0], ps[0][1]), Mma<T>::pack(ps[0][2], ps[0][3]),
                             Mma<T>::pack(ps[1][0], ps[1][1]), Mma<T>::pack(ps[1][2], ps[1][3])};
+    if (__any_sync(0xffffffffu, corr0 != 1.f || corr1 != 1.f)) {  // a row's max grew (rare after a few steps)
 #pragma unroll
-    for (int t = 0; t < kNTiles; ++t) {
-      acc[t][0] *= corr0;
-      acc[t][1] *= corr0;
-      acc[t][2] *= corr1;
-      acc[t][3] *= corr1;
+      for (int t = 0; t < kNTiles; ++t) {
+        acc[t][0] *= corr0;
+        acc[t][1] *= corr0;
+        acc[t][2] *= corr1;
+        acc[t][3] *= corr1;
+      }
     }
 #pragma unroll
     for (int j = 0; j < kVChunks; ++j) {
@@ -565,12 +572,12 @@ struct WarpAttn {
       sm_l[warp * 16 + g + 8] = l1;
     }
 #pragma unroll
-    for (int t = 0; t < kNTiles; ++t) {
+    for (int t = 0; t < kNTiles; ++t) {  // (the tile's rows past `rows` are padding: not stored)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int d = 64 * (t / 8) + 8 * (2 * c + e) + t % 8;  // accumulator column 2c + e of n-tile t
-        sm_acc[(warp * 16 + g) * kRow + d] = acc[t][e] * acc_mul;
-        sm_acc[(warp * 16 + g + 8) * kRow + d] = acc[t][2 + e] * acc_mul;
+        if (g < rows) sm_acc[(warp * 16 + g) * kRow + d] = acc[t][e] * acc_mul;
+        if (g + 8 < rows) sm_acc[(warp * 16 + g + 8) * kRow + d] = acc[t][2 + e] * acc_mul;
       }
     }
     __syncthreads();
@@ -609,85 +616,112 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : S == 2 ? 3 : 2) page
   using W = WarpAttn<T, DP>;
   using KV = std::conditional_t<Tile::kFp8, uint8_t, T>;
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ PlanSmem plan_sm;
-  // x: (kv head, head tile), fastest; y: the chunk. CTAs launched together read the same keys of every
-  // kv head, i.e. whole token rows of the pool (H_kv x D contiguous), not one head's slice of each.
-  const int chunk = blockIdx.y;
+  // x: (kv head, head tile), fastest; y: the CTA's first chunk, then every gridDim.y-th (one wave of CTAs
+  // loops over the chunks). CTAs running together read the same keys of every kv head, i.e. whole token
+  // rows of the pool (H_kv x D contiguous), not one head's slice of each.
   const int mt = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles;
-  const Plan plan = balanced_plan(p, chunk, plan_sm, chunk == 0 && blockIdx.x == 0);
-  if (chunk >= plan.total) return;  // uniform: past the batch's chunk count
-  const int b = plan.row;
-  const int start = (chunk - plan.first) * plan.per;
-  const int end = min(start + plan.per, load_n(p, b));
+  const Lengths len = lengths_of(p);
+  const Plan plan = balanced_plan(p, len);
+  if (blockIdx.x == 0 && blockIdx.y == 0) locate(p, len, plan.per, -1, true);  // the row plan, for the combine
   const int rows = min(16, p.G - mt * 16);  // valid query-head rows of this tile
   const int head0 = kvh * p.G + mt * 16;    // query head of row 0
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, c = lane & 3;  // MMA groupID (row / key / column) and thread-in-group
-  const int32_t* tbl = p.tables + b * p.t_sb;
-  const KV* kb = static_cast<const KV*>(p.k) + kvh * p.k_sh;
-  const KV* vb = static_cast<const KV*>(p.v) + kvh * p.v_sh;
   const int units = p.D * static_cast<int>(sizeof(KV)) / 16;  // 16-byte units of a real row
-  unsigned char* ring = smem + warp * (S * Tile::kBytes);
-  const int n_iter = (end - start + kCtaN - 1) / kCtaN;  // CTA-uniform
 
-  // Step `it` of this warp: keys [start + 64 it + 16 warp, +16) into stage it % S.
-  auto issue = [&](int it) {
-    unsigned char* tile = ring + (it % S) * Tile::kBytes;
-    const int base = start + it * kCtaN + warp * kBlockN;
-    constexpr int kPer = 16 * Tile::kUnits / 32;  // units per lane of K (and of V)
+  // Step `it` of this warp: keys [start + 64 it + 16 warp, +16) into stage it % S. Lane l copies unit
+  // l % kUnits of key rows l / kUnits + kRowStep i. Where the block size is a multiple of 16 (the engine's
+  // pools) the step's 16 keys lie in one block: one table read and one row address per step, the other
+  // rows a stride away; otherwise each row looks up its own block.
+  constexpr int kPer = 16 * Tile::kUnits / 32;  // units per lane of K (and of V)
+  constexpr int kRowStep = 32 / Tile::kUnits;   // key rows between a lane's units
+  static_assert(32 % Tile::kUnits == 0, "a row's units divide a warp");
+  const int u = lane % Tile::kUnits, r0 = lane / Tile::kUnits;
+  const bool u_ok = u < units;
+  const int u_src = u_ok ? u * (16 / static_cast<int>(sizeof(KV))) : 0;  // a unit of the real row
+  const bool one_block = p.bs % kBlockN == 0;
+  for (int chunk = blockIdx.y; chunk < plan.total; chunk += gridDim.y) {  // CTA-uniform
+    const Where at = locate(p, len, plan.per, chunk, false);
+    const int b = at.row;
+    const int start = (chunk - at.first) * plan.per;
+    const int end = min(start + plan.per, load_n(p, b));
+    const int32_t* tbl = p.tables + b * p.t_sb;
+    const int n_iter = (end - start + kCtaN - 1) / kCtaN;
+    const KV* kb = static_cast<const KV*>(p.k) + kvh * p.k_sh;
+    const KV* vb = static_cast<const KV*>(p.v) + kvh * p.v_sh;
+    unsigned char* ring = smem + warp * (S * Tile::kBytes);
+    auto issue = [&](int it) {
+      unsigned char* tile = ring + (it % S) * Tile::kBytes;
+      const int base = start + it * kCtaN + warp * kBlockN;
+      int blk = 0, off = 0;  // the step's block and first key's slot in it (one_block)
+      if (one_block) {  // warp-uniform
+        if (base < end) slot_of(p, tbl, base, blk, off);
+        // (every source address lies in the block, also for rows past the end, which copy nothing)
+        const KV* kr = kb + static_cast<int64_t>(blk) * p.k_sb + static_cast<int64_t>(off + r0) * p.k_st + u_src;
+        const KV* vr = vb + static_cast<int64_t>(blk) * p.v_sb + static_cast<int64_t>(off + r0) * p.v_st + u_src;
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int x = lane + 32 * i;
-      const int r = x / Tile::kUnits, u = x % Tile::kUnits;
-      const bool ok = base + r < end && u < units;
-      int64_t ko = 0, vo = 0;
-      if (ok) {
-        int blk, off;
-        slot_of(p, tbl, base + r, blk, off);
-        ko = static_cast<int64_t>(blk) * p.k_sb + static_cast<int64_t>(off) * p.k_st + u * (16 / sizeof(KV));
-        vo = static_cast<int64_t>(blk) * p.v_sb + static_cast<int64_t>(off) * p.v_st + u * (16 / sizeof(KV));
+        for (int i = 0; i < kPer; ++i) {
+          const int r = r0 + kRowStep * i;
+          const bool ok = base + r < end && u_ok;
+          cp16(tile + Tile::k_at(r, u), kr + kRowStep * i * p.k_st, ok);
+          cp16(tile + Tile::v_at(r, u), vr + kRowStep * i * p.v_st, ok);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) {
+          const int r = r0 + kRowStep * i;
+          const bool ok = base + r < end && u_ok;
+          int64_t ko = 0, vo = 0;
+          if (ok) {
+            int b_r, o_r;
+            slot_of(p, tbl, base + r, b_r, o_r);
+            ko = static_cast<int64_t>(b_r) * p.k_sb + static_cast<int64_t>(o_r) * p.k_st + u * (16 / sizeof(KV));
+            vo = static_cast<int64_t>(b_r) * p.v_sb + static_cast<int64_t>(o_r) * p.v_st + u * (16 / sizeof(KV));
+          }
+          cp16(tile + Tile::k_at(r, u), kb + ko, ok);
+          cp16(tile + Tile::v_at(r, u), vb + vo, ok);
+        }
       }
-      cp16(tile + Tile::k_at(r, u), kb + ko, ok);
-      cp16(tile + Tile::v_at(r, u), vb + vo, ok);
-    }
-    if constexpr (Tile::kFp8) {  // lanes 0-15: the keys' scales, 16-31: the values'
-      const int r = lane & 15;
-      const bool ok = base + r < end;
-      int64_t so = 0;
-      if (ok) {
-        int blk, off;
-        slot_of(p, tbl, base + r, blk, off);
-        so = static_cast<int64_t>(blk) * p.s_sb + static_cast<int64_t>(off) * p.s_st + kvh;
+      if constexpr (Tile::kFp8) {  // lanes 0-15: the keys' scales, 16-31: the values'
+        const int r = lane & 15;
+        const bool ok = base + r < end;
+        int64_t so = 0;
+        if (ok) {
+          int b_r = blk, o_r = off + r;
+          if (!one_block) slot_of(p, tbl, base + r, b_r, o_r);
+          so = static_cast<int64_t>(b_r) * p.s_sb + static_cast<int64_t>(o_r) * p.s_st + kvh;
+        }
+        cp4(tile + Tile::kScales + 4 * lane, (lane < 16 ? p.k_scale : p.v_scale) + so, ok);
       }
-      cp4(tile + Tile::kScales + 4 * lane, (lane < 16 ? p.k_scale : p.v_scale) + so, ok);
-    }
-  };
+    };
 
 #pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
-    if (s < n_iter) issue(s);
-    cp_commit();
-  }
-  // q after the first copies are in flight: its load latency hides under theirs
-  W st;
-  st.template init<TQ, Tile::kFp8 && !std::is_same_v<TQ, __half>>(p, b, head0, rows, g, c);
-  for (int it = 0; it < n_iter; ++it) {
-    if (it + S - 1 < n_iter) issue(it + S - 1);
-    cp_commit();  // (an empty group past the end keeps the count of groups in flight fixed)
-    cp_wait<S - 1>();
-    __syncwarp();
-    const int base = start + it * kCtaN + warp * kBlockN;
-    if (base < end) {  // warp-uniform
-      const unsigned char* tile = ring + (it % S) * Tile::kBytes;
-      float s[2][4];
-      st.template scores<Tile>(tile, s, g, c);
-      st.template update<Tile>(s, tile, base, end, g, c, p.score_mul);
+    for (int s = 0; s < S - 1; ++s) {
+      if (s < n_iter) issue(s);
+      cp_commit();
     }
-    __syncwarp();  // the stage is rewritten by the next step's issue
+    // q after the first copies are in flight: its load latency hides under theirs
+    W st;
+    st.template init<TQ, Tile::kFp8 && !std::is_same_v<TQ, __half>>(p, b, head0, rows, g, c);
+    for (int it = 0; it < n_iter; ++it) {
+      if (it + S - 1 < n_iter) issue(it + S - 1);
+      cp_commit();  // (an empty group past the end keeps the count of groups in flight fixed)
+      cp_wait<S - 1>();
+      __syncwarp();
+      const int base = start + it * kCtaN + warp * kBlockN;
+      if (base < end) {  // warp-uniform
+        const unsigned char* tile = ring + (it % S) * Tile::kBytes;
+        float s[2][4];
+        st.template scores<Tile>(tile, s, g, c);
+        st.template update<Tile>(s, tile, base, end, g, c, p.score_mul);
+      }
+      __syncwarp();  // the stage is rewritten by the next step's issue
+    }
+    cp_wait<0>();
+    __syncthreads();  // the ring becomes the epilogue's buffer
+    st.finish(p, reinterpret_cast<float*>(smem), warp, g, c, head0, rows, chunk, Tile::kFp8 ? 1.f / kFp8PvMul : 1.f);
+    __syncthreads();  // and the ring again, for the next chunk's copies
   }
-  cp_wait<0>();
-  __syncthreads();  // the ring becomes the epilogue's buffer
-  st.finish(p, reinterpret_cast<float*>(smem), warp, g, c, head0, rows, chunk, Tile::kFp8 ? 1.f / kFp8PvMul : 1.f);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -703,134 +737,138 @@ __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams 
   constexpr int DPAD = E * 8;
   __shared__ float sm_acc[kWarps][GT][DPAD];
   __shared__ float sm_ml[kWarps][GT][2];
-  __shared__ PlanSmem plan_sm;
-  const int tile = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles, chunk = blockIdx.y;  // heads fastest
-  const Plan plan = balanced_plan(p, chunk, plan_sm, chunk == 0 && blockIdx.x == 0);
-  if (chunk >= plan.total) return;
-  const int b = plan.row;
-  const int start = (chunk - plan.first) * plan.per;
-  const int end = min(start + plan.per, load_n(p, b));
-  const int rows = min(GT, p.G - tile * GT);
-  const int head0 = kvh * p.G + tile * GT;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane / 8, j = lane % 8;
-  auto dof = [&](int i) { return (i * 8 + j) * VE; };  // first d of this lane's vector i
+  const int tile = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles;  // heads fastest; y: chunks (as mma)
+  const Lengths len = lengths_of(p);
+  const Plan plan = balanced_plan(p, len);
+  if (blockIdx.x == 0 && blockIdx.y == 0) locate(p, len, plan.per, -1, true);
+  for (int chunk = blockIdx.y; chunk < plan.total; chunk += gridDim.y) {  // CTA-uniform
+    const Where at = locate(p, len, plan.per, chunk, false);
+    const int b = at.row;
+    const int start = (chunk - at.first) * plan.per;
+    const int end = min(start + plan.per, load_n(p, b));
+    const int rows = min(GT, p.G - tile * GT);
+    const int head0 = kvh * p.G + tile * GT;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane / 8, j = lane % 8;
+    auto dof = [&](int i) { return (i * 8 + j) * VE; };  // first d of this lane's vector i
 
-  float q[GT][E], acc[GT][E], m[GT], l[GT];
-  const float* qb = static_cast<const float*>(p.q) + b * p.q_sb;
-#pragma unroll
-  for (int h = 0; h < GT; ++h) {
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      float4 raw = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (h < rows && dof(i) < p.D) raw = *reinterpret_cast<const float4*>(qb + (head0 + h) * p.q_sh + dof(i));
-      q[h][i * VE + 0] = raw.x * p.score_mul;
-      q[h][i * VE + 1] = raw.y * p.score_mul;
-      q[h][i * VE + 2] = raw.z * p.score_mul;
-      q[h][i * VE + 3] = raw.w * p.score_mul;
-    }
-#pragma unroll
-    for (int e = 0; e < E; ++e) acc[h][e] = 0.f;
-    m[h] = -INFINITY;
-    l[h] = 0.f;
-  }
-  const int32_t* tbl = p.tables + b * p.t_sb;
-  const float* kb = static_cast<const float*>(p.k) + kvh * p.k_sh;
-  const float* vb = static_cast<const float*>(p.v) + kvh * p.v_sh;
-  uint4 kr[NV], vr[NV];
-  auto load = [&](int key) {  // zeros past the end
-    const bool ok = key < end;
-    int64_t ko = 0, vo = 0;
-    if (ok) {
-      int blk, off;
-      slot_of(p, tbl, key, blk, off);
-      ko = static_cast<int64_t>(blk) * p.k_sb + static_cast<int64_t>(off) * p.k_st;
-      vo = static_cast<int64_t>(blk) * p.v_sb + static_cast<int64_t>(off) * p.v_st;
-    }
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const bool in = ok && dof(i) < p.D;
-      kr[i] = in ? ldg_stream(kb + ko + dof(i)) : make_uint4(0, 0, 0, 0);
-      vr[i] = in ? ldg_stream(vb + vo + dof(i)) : make_uint4(0, 0, 0, 0);
-    }
-  };
-  int key0 = start + warp * 4;  // this warp's first key; lane group grp takes key0 + grp
-  load(key0 + grp);
-  for (; key0 < end; key0 += 4 * kWarps) {
-    float kf[E], vf[E];
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const float* ke = reinterpret_cast<const float*>(&kr[i]);
-      const float* ve = reinterpret_cast<const float*>(&vr[i]);
-#pragma unroll
-      for (int t = 0; t < VE; ++t) {
-        kf[i * VE + t] = ke[t];
-        vf[i * VE + t] = ve[t];
-      }
-    }
-    const bool mine = key0 + grp < end;
-    if (key0 + 4 * kWarps < end) load(key0 + 4 * kWarps + grp);  // keep the next key in flight
+    float q[GT][E], acc[GT][E], m[GT], l[GT];
+    const float* qb = static_cast<const float*>(p.q) + b * p.q_sb;
 #pragma unroll
     for (int h = 0; h < GT; ++h) {
-      float s = 0.f;
 #pragma unroll
-      for (int e = 0; e < E; ++e) s = fmaf(q[h][e], kf[e], s);
-      s += __shfl_xor_sync(0xffffffffu, s, 1);
-      s += __shfl_xor_sync(0xffffffffu, s, 2);
-      s += __shfl_xor_sync(0xffffffffu, s, 4);
-      if (mine) {
-        const float mn = fmaxf(m[h], s);  // s is finite: mn is too
-        const float corr = exp2f(m[h] - mn), pe = exp2f(s - mn);
-        l[h] = l[h] * corr + pe;
+      for (int i = 0; i < NV; ++i) {
+        float4 raw = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (h < rows && dof(i) < p.D) raw = *reinterpret_cast<const float4*>(qb + (head0 + h) * p.q_sh + dof(i));
+        q[h][i * VE + 0] = raw.x * p.score_mul;
+        q[h][i * VE + 1] = raw.y * p.score_mul;
+        q[h][i * VE + 2] = raw.z * p.score_mul;
+        q[h][i * VE + 3] = raw.w * p.score_mul;
+      }
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[h][e] = fmaf(acc[h][e], corr, pe * vf[e]);
+      for (int e = 0; e < E; ++e) acc[h][e] = 0.f;
+      m[h] = -INFINITY;
+      l[h] = 0.f;
+    }
+    const int32_t* tbl = p.tables + b * p.t_sb;
+    const float* kb = static_cast<const float*>(p.k) + kvh * p.k_sh;
+    const float* vb = static_cast<const float*>(p.v) + kvh * p.v_sh;
+    uint4 kr[NV], vr[NV];
+    auto load = [&](int key) {  // zeros past the end
+      const bool ok = key < end;
+      int64_t ko = 0, vo = 0;
+      if (ok) {
+        int blk, off;
+        slot_of(p, tbl, key, blk, off);
+        ko = static_cast<int64_t>(blk) * p.k_sb + static_cast<int64_t>(off) * p.k_st;
+        vo = static_cast<int64_t>(blk) * p.v_sb + static_cast<int64_t>(off) * p.v_st;
+      }
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const bool in = ok && dof(i) < p.D;
+        kr[i] = in ? ldg_stream(kb + ko + dof(i)) : make_uint4(0, 0, 0, 0);
+        vr[i] = in ? ldg_stream(vb + vo + dof(i)) : make_uint4(0, 0, 0, 0);
+      }
+    };
+    int key0 = start + warp * 4;  // this warp's first key; lane group grp takes key0 + grp
+    load(key0 + grp);
+    for (; key0 < end; key0 += 4 * kWarps) {
+      float kf[E], vf[E];
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const float* ke = reinterpret_cast<const float*>(&kr[i]);
+        const float* ve = reinterpret_cast<const float*>(&vr[i]);
+#pragma unroll
+        for (int t = 0; t < VE; ++t) {
+          kf[i * VE + t] = ke[t];
+          vf[i * VE + t] = ve[t];
+        }
+      }
+      const bool mine = key0 + grp < end;
+      if (key0 + 4 * kWarps < end) load(key0 + 4 * kWarps + grp);  // keep the next key in flight
+#pragma unroll
+      for (int h = 0; h < GT; ++h) {
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) s = fmaf(q[h][e], kf[e], s);
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        s += __shfl_xor_sync(0xffffffffu, s, 4);
+        if (mine) {
+          const float mn = fmaxf(m[h], s);  // s is finite: mn is too
+          const float corr = exp2f(m[h] - mn), pe = exp2f(s - mn);
+          l[h] = l[h] * corr + pe;
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[h][e] = fmaf(acc[h][e], corr, pe * vf[e]);
+          m[h] = mn;
+        }
+      }
+    }
+    // Merge the warp's 4 lane groups (lanes j, j + 8, j + 16, j + 24 hold the same d).
+#pragma unroll
+    for (int h = 0; h < GT; ++h) {
+#pragma unroll
+      for (int o = 8; o < 32; o <<= 1) {
+        const float mo = __shfl_xor_sync(0xffffffffu, m[h], o), lo = __shfl_xor_sync(0xffffffffu, l[h], o);
+        const float mn = fmaxf(m[h], mo);
+        const float ref = mn == -INFINITY ? 0.f : mn;
+        const float cs = exp2f(m[h] - ref), co = exp2f(mo - ref);
+        l[h] = l[h] * cs + lo * co;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const float ao = __shfl_xor_sync(0xffffffffu, acc[h][e], o);
+          acc[h][e] = acc[h][e] * cs + ao * co;
+        }
         m[h] = mn;
       }
-    }
-  }
-  // Merge the warp's 4 lane groups (lanes j, j + 8, j + 16, j + 24 hold the same d).
+      if (grp == 0) {
 #pragma unroll
-  for (int h = 0; h < GT; ++h) {
+        for (int i = 0; i < NV; ++i)
 #pragma unroll
-    for (int o = 8; o < 32; o <<= 1) {
-      const float mo = __shfl_xor_sync(0xffffffffu, m[h], o), lo = __shfl_xor_sync(0xffffffffu, l[h], o);
-      const float mn = fmaxf(m[h], mo);
-      const float ref = mn == -INFINITY ? 0.f : mn;
-      const float cs = exp2f(m[h] - ref), co = exp2f(mo - ref);
-      l[h] = l[h] * cs + lo * co;
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        const float ao = __shfl_xor_sync(0xffffffffu, acc[h][e], o);
-        acc[h][e] = acc[h][e] * cs + ao * co;
-      }
-      m[h] = mn;
-    }
-    if (grp == 0) {
-#pragma unroll
-      for (int i = 0; i < NV; ++i)
-#pragma unroll
-        for (int t = 0; t < VE; ++t) sm_acc[warp][h][dof(i) + t] = acc[h][i * VE + t];
-      if (j == 0) {
-        sm_ml[warp][h][0] = m[h];
-        sm_ml[warp][h][1] = l[h];
+          for (int t = 0; t < VE; ++t) sm_acc[warp][h][dof(i) + t] = acc[h][i * VE + t];
+        if (j == 0) {
+          sm_ml[warp][h][0] = m[h];
+          sm_ml[warp][h][1] = l[h];
+        }
       }
     }
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < rows * p.D; idx += kThreads) {
-    const int h = idx / p.D, d = idx % p.D;
-    float mmax = -INFINITY;
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < rows * p.D; idx += kThreads) {
+      const int h = idx / p.D, d = idx % p.D;
+      float mmax = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) mmax = fmaxf(mmax, sm_ml[w][h][0]);
-    float lsum = 0.f, o = 0.f;
-    if (mmax != -INFINITY) {
+      for (int w = 0; w < kWarps; ++w) mmax = fmaxf(mmax, sm_ml[w][h][0]);
+      float lsum = 0.f, o = 0.f;
+      if (mmax != -INFINITY) {
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float f = exp2f(sm_ml[w][h][0] - mmax);
-        lsum += sm_ml[w][h][1] * f;
-        o += sm_acc[w][h][d] * f;
+        for (int w = 0; w < kWarps; ++w) {
+          const float f = exp2f(sm_ml[w][h][0] - mmax);
+          lsum += sm_ml[w][h][1] * f;
+          o += sm_acc[w][h][d] * f;
+        }
       }
+      store_partial(p, head0 + h, chunk, d, o, mmax, lsum);
     }
-    store_partial(p, head0 + h, chunk, d, o, mmax, lsum);
+    __syncthreads();  // the merge buffers, rewritten by the next chunk
   }
 }
 
@@ -939,9 +977,9 @@ void plan_split(PagedParams& p, Split& split, int resident, int device) {
                                            : int64_t{std::max(1, (kProgramsPerSM + resident / 2) / resident)} * resident * sms;
   p.tph = static_cast<int>(std::max<int64_t>(1, progs / p.H_kv));
   p.slots = static_cast<int>(std::max<int64_t>(1, int64_t{resident} * sms / (int64_t{p.H_kv} * p.m_tiles)));
-  p.n_chunks = p.tph + p.B;  // balanced_plan: at most max(tph, tph / 2 + B) chunks per kv head
-  LT_CHECK(p.n_chunks <= 65535, "paged_decode: ", p.n_chunks, " chunks per kv head (programs=", split.programs,
-           ", B=", p.B, ") exceed the grid's 65535");
+  // balanced_plan makes at most max(tph, tph / 2 + B) chunks per kv head, and at most kRowChunks a row; the
+  // grid is one wave (min(n_chunks, slots) CTAs per kv head and tile), each CTA looping over its chunks
+  p.n_chunks = static_cast<int>(std::min<int64_t>(int64_t{p.tph} + p.B, int64_t{kRowChunks} * p.B));
   split.o_part = at::empty({static_cast<int64_t>(p.H_kv) * p.G, p.n_chunks, p.D}, split.f32);
   split.lse_part = at::empty({static_cast<int64_t>(p.H_kv) * p.G, p.n_chunks}, split.f32);
   p.o_part = split.o_part.data_ptr<float>();
@@ -983,7 +1021,7 @@ void launch_mma(PagedParams& p, Split& split, int device, cudaStream_t stream) {
   }
   p.m_tiles = (p.G + 15) / 16;
   plan_split(p, split, resident_ctas(kernel, smem, device, resident), device);
-  const dim3 grid(static_cast<unsigned>(p.H_kv * p.m_tiles), static_cast<unsigned>(p.n_chunks));
+  const dim3 grid(static_cast<unsigned>(p.H_kv * p.m_tiles), static_cast<unsigned>(std::min(p.n_chunks, p.slots)));
   kernel<<<grid, kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -1012,7 +1050,7 @@ void launch_simt(PagedParams& p, Split& split, int device, cudaStream_t stream) 
   static int resident[64] = {};
   p.m_tiles = (p.G + GT - 1) / GT;
   plan_split(p, split, resident_ctas(&paged_simt_kernel<NV, GT>, 0, device, resident), device);
-  const dim3 grid(static_cast<unsigned>(p.m_tiles * p.H_kv), static_cast<unsigned>(p.n_chunks));
+  const dim3 grid(static_cast<unsigned>(p.m_tiles * p.H_kv), static_cast<unsigned>(std::min(p.n_chunks, p.slots)));
   paged_simt_kernel<NV, GT><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
