@@ -109,10 +109,12 @@ if triton is not None:
         return m_i, l_i, acc
 
 
+# a single long row still gets at most this many chunks: one sequence of 32k keys ran at 68% of copy
+# bandwidth in 258 chunks of 128 keys and at 80% in 64 of 516 (bench/RESULTS.md)
+ROW_CHUNKS = 64
+
 if triton is not None:
-    # a single long row still gets at most this many chunks: one sequence of 32k keys ran at 68% of
-    # copy bandwidth in 258 chunks of 128 keys and at 80% in 64 of 516 (bench/RESULTS.md)
-    ROW_CHUNKS = tl.constexpr(64)
+    _ROW_CHUNKS = tl.constexpr(ROW_CHUNKS)
 
     @triton.jit
     def _chunk_plan(NVALID, B, TPH: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BP: tl.constexpr):
@@ -122,7 +124,7 @@ if triton is not None:
         chunks, numbered in row order."""
         r = tl.arange(0, BP)
         ns = tl.load(NVALID + r, mask=r < B, other=0)
-        per = tl.maximum(tl.maximum(tl.cdiv(tl.sum(ns, 0), TPH), MIN_CHUNK), tl.cdiv(tl.max(ns, 0), ROW_CHUNKS))
+        per = tl.maximum(tl.maximum(tl.cdiv(tl.sum(ns, 0), TPH), MIN_CHUNK), tl.cdiv(tl.max(ns, 0), _ROW_CHUNKS))
         per = tl.cdiv(per, BLOCK_N) * BLOCK_N
         ch = tl.cdiv(ns, per)
         cum = tl.cumsum(ch, 0)  # inclusive: row r's chunks are [cum_r - ch_r, cum_r)
@@ -233,7 +235,9 @@ def paged_decode_triton(q, k_pool, v_pool, block_tables, n_valid, scale, k_scale
     sms = _sm_count(q.device.index or 0) if q.is_cuda else 132
     tph = max(1, -(-(programs or PROGRAMS_PER_SM * sms) // h_kv))  # target programs per KV head
     min_chunk = -(-(min_chunk or MIN_CHUNK) // block_n) * block_n
-    n_chunks = tph + b  # sum over rows of cdiv(n, per) <= total / per + b <= tph + b
+    # sum over rows of cdiv(n, per) <= total / per + b <= tph + b, and no row takes more than ROW_CHUNKS: a
+    # program past both bounds has nothing to do, but still takes its turn on an SM
+    n_chunks = min(tph + b, ROW_CHUNKS * b)
     part_o = torch.empty((h_q, n_chunks, d), dtype=torch.float32, device=q.device)
     part_m = torch.empty((h_q, n_chunks), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
