@@ -264,15 +264,17 @@ def test_paged_truncate_cuda_matches_reference(sink, window, bs, dtype, d):
 
 @gpu_test
 def test_cuda_backend_runs_the_extension_where_it_measured_faster():
-    """paged_truncate_ runs the CUDA kernel; paged_decode runs it for fp8 and fp32 pools, Triton (when
-    installed) for bf16/fp16 pools, where the Triton kernel measured faster (bench/RESULTS.md, issue 11)."""
+    """paged_truncate_ runs the CUDA kernel; paged_decode runs it for every pool it reads but 16-bit ones with
+    D > 128, where Triton (when installed) measured faster (bench/RESULTS.md, issue 11)."""
     from ltengine.kernels.paged import triton
 
     be = get_backend("cuda")
     assert be.impl_for("paged_truncate_", torch.bfloat16, 128) == "cuda"
     assert be.impl_for("paged_decode", torch.float8_e4m3fn, 128) == "cuda"
     assert be.impl_for("paged_decode", torch.float32, 64) == "cuda"
-    assert be.impl_for("paged_decode", torch.bfloat16, 128) == ("triton" if triton is not None else "cuda")
+    assert be.impl_for("paged_decode", torch.bfloat16, 128) == "cuda"
+    assert be.impl_for("paged_decode", torch.float16, 64) == "cuda"
+    assert be.impl_for("paged_decode", torch.bfloat16, 256) == ("triton" if triton is not None else "cuda")
     assert be.impl_for("paged_decode", torch.float8_e4m3fn, 72) == ("triton" if triton is not None else "reference")
 
 

@@ -94,7 +94,8 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
         if _cuda.has_cuda_ext():
             out["truncate_kv_"].append(_Impl("cuda", _cuda.truncate_kv_))
             out["paged_truncate_"].append(_Impl("cuda", _cuda.paged_truncate_))
-            # before Triton where it measured faster (fp8, fp32 pools); for every pool it reads without Triton
+            # before Triton where it measured faster (all but 16-bit pools with D > 128); for every pool it
+            # reads where Triton is missing
             out["paged_decode"].append(_Impl("cuda", _cuda.paged_decode,
                                              _cuda.paged_first if paged.triton is not None else _cuda.paged_supports))
         score = _lazy_score()
@@ -188,13 +189,14 @@ class Backend:
 
     def describe(self) -> dict[str, str]:
         """op -> implementations in order, with the dtypes/head dims each covers, e.g.
-        ``'cuda (fp8: D % 16 == 0, fp32: D % 8 == 0; D <= 256) > triton > reference'``."""
+        ``'cuda (bf16/fp16: D % 8 == 0, D <= 128; ...) > triton > reference'``."""
         out = {}
         for op, disp in self._ops.items():
             parts = []
             for impl in disp.impls:
                 if impl.supports is _cuda.paged_first:
-                    parts.append(f"{impl.name} (fp8: D % 16 == 0, fp32: D % 8 == 0; D <= 256)")
+                    parts.append(f"{impl.name} (bf16/fp16: D % 8 == 0, D <= 128; fp32: D % 8 == 0, "
+                                 "fp8: D % 16 == 0; D <= 256)")
                 elif impl.supports is _cuda.paged_supports:
                     parts.append(f"{impl.name} (bf16/fp16/fp32: D % 8 == 0, fp8: D % 16 == 0; D <= 256)")
                 else:

@@ -41,15 +41,13 @@ def paged_supports(dtype: torch.dtype, head_dim: int) -> bool:
     return dtype in PAGED_DTYPES and 8 <= head_dim <= 256 and head_dim % 8 == 0
 
 
-# Pools where the CUDA kernel runs before Triton: measured faster there on the H200 (bench/RESULTS.md,
-# issue 11: fp8 1.3x on the budget shapes, fp32 3.4x); on bf16/fp16 pools Triton measured faster on every
-# shape (the CUDA kernel's cp.async traffic is L2-bound), so it runs there only where Triton is missing.
-FIRST_DTYPES = (torch.float8_e4m3fn, torch.float32)
-
-
+# Pools where the CUDA kernel runs before Triton: every pool it reads, but for 16-bit pools with D > 128,
+# where its ring holds one CTA per SM (H200, bench/RESULTS.md, issue 11, session 8: bf16 at D 256 75% of
+# copy vs Triton's 89%; at D <= 128 0.97-1.05x Triton on the engine's shapes, 1.02-1.05x on the budget ones;
+# fp8 1.0-1.9x, fp32 4x).
 def paged_first(dtype: torch.dtype, head_dim: int) -> bool:
-    """The backend puts the CUDA paged decode before Triton for this pool (see ``FIRST_DTYPES``)."""
-    return dtype in FIRST_DTYPES and paged_supports(dtype, head_dim)
+    """The backend puts the CUDA paged decode before Triton for this pool."""
+    return paged_supports(dtype, head_dim) and not (dtype in (torch.bfloat16, torch.float16) and head_dim > 128)
 
 
 def _index(t: torch.Tensor, device: torch.device) -> torch.Tensor:
