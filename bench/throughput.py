@@ -407,6 +407,8 @@ class Bench:
             kw["kv_dtype"] = self.kv_dtype(mode)
         if self.args.block_size:
             kw["block_size"] = self.args.block_size
+        if self.args.backend:
+            kw["backend"] = self.args.backend
         kw.update(extra)
         return make_engine(self.model, self.notes, **kw)
 
@@ -860,6 +862,8 @@ def parse_args(argv=None):
     p.add_argument("--max-context", type=int,
                    help="override the config's max_position_embeddings (fp8 lazy's longest prompt at 8 GiB passes 131072)")
     p.add_argument("--runner", default="auto", help="engine runner: auto | paged | reference")
+    p.add_argument("--backend", choices=("cuda", "triton", "reference"),
+                   help="kernel implementation put first where it exists (default: the backend's choice per op)")
     p.add_argument("--quick", action="store_true", help="CPU smoke: 2 layers, hidden 256, 256/512-token prompts, 8 new tokens")
     p.add_argument("--skip-hf", action="store_true", help="no HF transformers baseline")
     p.add_argument("--json", help="write results here (default $OUT/throughput.json when $OUT is set)")
