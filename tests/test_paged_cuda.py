@@ -183,6 +183,24 @@ def test_paged_decode_cuda_odd_shapes_and_knobs(case):
 
 
 @gpu_test
+@pytest.mark.parametrize("rows", [33, 70, 130])
+@pytest.mark.parametrize("dtype,bs", [(torch.bfloat16, 16), (torch.float16, 7), (torch.float32, 64)])
+def test_paged_decode_cuda_many_rows(rows, dtype, bs):
+    """More rows than a warp has lanes (the plan reads rows lane-strided and scans them 32 at a time; the
+    row plan of CTA (0, 0) spans every group), empty and one-key rows among them, one long row."""
+    gen = _gen("many", rows, bs)
+    lengths = torch.randint(0, 700, (rows,), generator=gen).tolist()
+    lengths[::9] = [0] * len(lengths[::9])
+    lengths[1::11] = [1] * len(lengths[1::11])
+    lengths[rows // 2] = 5000
+    k, v, tables = _pool(("many", rows, bs, dtype), lengths, bs, 2, 128, dtype, "cuda")
+    q = torch.randn(rows, 8, 128, generator=_gen("q-many", rows, device="cuda"), device="cuda").to(dtype)
+    n = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    _check_decode(kcuda.paged_decode(q, k, v, tables, n, 128 ** -0.5), q, k, v, tables, n, 128 ** -0.5,
+                  f"{rows} rows {dtype} bs{bs}")
+
+
+@gpu_test
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_paged_decode_cuda_graph_replay_with_new_lengths(dtype):
     """One capture, lengths changed on the device between replays (empty rows included)."""
