@@ -218,7 +218,7 @@ __device__ Plan balanced_plan(const PagedParams& p, const Lengths& len) {
     const float cost = static_cast<float>((n + slots - 1) / slots) * static_cast<float>(size + kChunkCost);
     if (best < 0.f || cost < best) {
       best = cost;
-      target = min((n + slots - 1) / slots * slots, p.tph);
+      target = min(max(1, (n + slots - 1) / slots) * slots, p.tph);  // (>= 1: all rows may be empty)
       per = size;
       count = n;
     }

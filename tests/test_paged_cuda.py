@@ -201,6 +201,16 @@ def test_paged_decode_cuda_many_rows(rows, dtype, bs):
 
 
 @gpu_test
+@pytest.mark.parametrize("rows", [1, 40])
+def test_paged_decode_cuda_all_rows_empty(rows):
+    """A batch with no keys at all (the schedule has no chunk to plan): every output row is zeros."""
+    k, v, tables = _pool(("empty", rows), [0] * rows, 16, 2, 128, torch.bfloat16, "cuda")
+    q = torch.randn(rows, 8, 128, device="cuda").to(torch.bfloat16)
+    out = kcuda.paged_decode(q, k, v, tables, torch.zeros(rows, dtype=torch.int32, device="cuda"), 0.1)
+    assert out.shape == q.shape and (out == 0).all()
+
+
+@gpu_test
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_paged_decode_cuda_graph_replay_with_new_lengths(dtype):
     """One capture, lengths changed on the device between replays (empty rows included)."""
