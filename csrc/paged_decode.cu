@@ -131,7 +131,9 @@ __device__ __forceinline__ int cdiv_pos(long long a, int b) {
 // The lengths as one warp reads them: lane l holds rows l, l + 32, ...; the first 32 stay in a register.
 struct Lengths {
   int n0;  // row `lane`'s length (0 past B)
-  __device__ __forceinline__ int at(const PagedParams& p, int r) const { return r < 32 ? n0 : load_n(p, r); }  // r = lane + 32 k
+  __device__ __forceinline__ int at(const PagedParams& p, int r) const {  // r = lane + 32 k
+    return r < 32 ? n0 : load_n(p, r);
+  }
   // Chunks of `per` keys the whole batch takes, sum over rows of cdiv(n, per); every lane gets it.
   __device__ __forceinline__ int chunks(const PagedParams& p, int per) const {
     int ch = 0;
@@ -215,10 +217,11 @@ __device__ Plan balanced_plan(const PagedParams& p, const Lengths& len) {
     const int t = min(w * slots, p.tph);
     const int size = max(cdiv_pos(cdiv_pos(sum, fit_of(t)), kCtaN) * kCtaN, floor_per);  // fits t
     const int n = len.chunks(p, size);
-    const float cost = static_cast<float>((n + slots - 1) / slots) * static_cast<float>(size + kChunkCost);
+    const int waves = max(1, (n + slots - 1) / slots);  // (>= 1: all rows may be empty)
+    const float cost = static_cast<float>(waves) * static_cast<float>(size + kChunkCost);
     if (best < 0.f || cost < best) {
       best = cost;
-      target = min(max(1, (n + slots - 1) / slots) * slots, p.tph);  // (>= 1: all rows may be empty)
+      target = min(waves * slots, p.tph);
       per = size;
       count = n;
     }
@@ -647,6 +650,8 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : S == 2 ? 3 : 2) page
     const int end = min(start + plan.per, load_n(p, b));
     const int32_t* tbl = p.tables + b * p.t_sb;
     const int n_iter = (end - start + kCtaN - 1) / kCtaN;
+    // (kb, vb, ring: loop-invariant, but set here: hoisted above the loop they cost 48 bytes of spills at
+    // the 168 registers of 3 CTAs per SM, here 8)
     const KV* kb = static_cast<const KV*>(p.k) + kvh * p.k_sh;
     const KV* vb = static_cast<const KV*>(p.v) + kvh * p.v_sh;
     unsigned char* ring = smem + warp * (S * Tile::kBytes);
@@ -971,7 +976,8 @@ struct Split {
 // shape). The default target is a whole number of waves, ~kProgramsPerSM per SM; balanced_plan keeps the
 // chunk count at or under it.
 // `resident`: CTAs per SM (resident_ctas, >= 1).
-void plan_split(PagedParams& p, Split& split, int resident, int device) {
+// Returns the grid: (kv head x head tile) x one wave of CTAs, min(n_chunks, slots).
+dim3 plan_split(PagedParams& p, Split& split, int resident, int device) {
   const int sms = multiprocessor_count(device);
   const int64_t progs = split.programs > 0 ? split.programs
                                            : int64_t{std::max(1, (kProgramsPerSM + resident / 2) / resident)} * resident * sms;
@@ -986,6 +992,7 @@ void plan_split(PagedParams& p, Split& split, int resident, int device) {
   p.lse_part = split.lse_part.data_ptr<float>();
   split.row_plan = at::empty({p.B, 2}, split.f32.dtype(at::kInt));
   p.row_plan = split.row_plan.data_ptr<int32_t>();
+  return dim3(static_cast<unsigned>(p.H_kv * p.m_tiles), static_cast<unsigned>(std::min(p.n_chunks, p.slots)));
 }
 
 // Resident CTAs per SM of `kernel` (cached per kernel and device by the caller's static).
@@ -1020,8 +1027,7 @@ void launch_mma(PagedParams& p, Split& split, int device, cudaStream_t stream) {
     }
   }
   p.m_tiles = (p.G + 15) / 16;
-  plan_split(p, split, resident_ctas(kernel, smem, device, resident), device);
-  const dim3 grid(static_cast<unsigned>(p.H_kv * p.m_tiles), static_cast<unsigned>(std::min(p.n_chunks, p.slots)));
+  const dim3 grid = plan_split(p, split, resident_ctas(kernel, smem, device, resident), device);
   kernel<<<grid, kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -1049,8 +1055,7 @@ template <int NV, int GT>
 void launch_simt(PagedParams& p, Split& split, int device, cudaStream_t stream) {
   static int resident[64] = {};
   p.m_tiles = (p.G + GT - 1) / GT;
-  plan_split(p, split, resident_ctas(&paged_simt_kernel<NV, GT>, 0, device, resident), device);
-  const dim3 grid(static_cast<unsigned>(p.m_tiles * p.H_kv), static_cast<unsigned>(std::min(p.n_chunks, p.slots)));
+  const dim3 grid = plan_split(p, split, resident_ctas(&paged_simt_kernel<NV, GT>, 0, device, resident), device);
   paged_simt_kernel<NV, GT><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
