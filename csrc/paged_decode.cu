@@ -16,7 +16,9 @@
 // which is where this schedule parts from the Triton kernel's (ltengine/kernels/paged.py: total keys over
 // a fixed target). The grid is fixed by (B, H_kv) alone: one CUDA graph serves any lengths. A second
 // kernel merges each row's chunks (output, log2-sum-exp) from the row plan the first kernel's CTA (0, 0)
-// writes; a row with no keys gets zeros.
+// writes, a CTA per (row, query head) or, for many short rows, a warp; a row with no keys gets zeros.
+// (Merging in the attention kernel instead, by the last CTA of each row, was measured slower where a row
+// has many chunks: one SM then reads all of them, 88 KB at 1x8k, +5-8 us; bench/RESULTS.md, session 9.)
 //
 // Two attention kernels write the same partials:
 //  * mma: bf16/fp16 pools (D a multiple of 8) and fp8 pools (D a multiple of 16), D <= 256 padded to 64,
@@ -614,8 +616,12 @@ constexpr int mma_smem_bytes() {
 }
 
 // T: the MMA type; TQ: q's (and the output's) type; Tile: the pool's tile layout; S: pipeline stages.
+// Launch bound: 3 CTAs per SM (168 registers) for 2 stages and for fp8 pools (D 128, 4 stages: 168 registers
+// and no spill, where the chunk loop had taken it to 193 and 2 CTAs per SM: budget shapes 72% -> 76% of
+// copy, bench/RESULTS.md session 9); 2 for 16-bit 3-4 stages; 1 at D 256.
 template <typename T, typename TQ, typename Tile, int DP, int S>
-__global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : S == 2 ? 3 : 2) paged_mma_kernel(const PagedParams p) {
+__global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : (S == 2 || Tile::kFp8) ? 3 : 2)
+    paged_mma_kernel(const PagedParams p) {
   using W = WarpAttn<T, DP>;
   using KV = std::conditional_t<Tile::kFp8, uint8_t, T>;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -950,6 +956,69 @@ __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const PagedPara
   }
 }
 
+// The same merge with one warp per (row b, query head), kWarps of them per CTA: for batches of many rows
+// with few chunks each (64 sink + window rows of 2 chunks: 16 loads in flight a lane and a CTA per row and
+// head, as above, is 80 registers and 2,048 CTAs in ~2.6 waves, 10.6 us; this kernel's warps fit in one).
+// A lane holds float4 v = lane (+ 32) of the row and chunks' weights lane and lane + 32; the chunks' outputs
+// are loaded kBatch at a time, the first batch issued before the weights are known.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) paged_combine_warps_kernel(const PagedParams p) {
+  constexpr int kBatch = 8;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t task = static_cast<int64_t>(blockIdx.x) * kWarps + warp;  // b * H_q + head
+  const int hq = p.H_kv * p.G;
+  if (task >= static_cast<int64_t>(p.B) * hq) return;  // (warp-uniform; no barrier below)
+  const int b = static_cast<int>(task / hq), head = static_cast<int>(task - static_cast<int64_t>(b) * hq);
+  const int first = __ldg(p.row_plan + 2 * b), count = __ldg(p.row_plan + 2 * b + 1);  // count <= kRowChunks
+  const int64_t base = static_cast<int64_t>(head) * p.n_chunks + first;
+  const float4* part = reinterpret_cast<const float4*>(p.o_part + base * p.D);  // D % 4 == 0
+  const int vecs = p.D / 4;
+  T* out = static_cast<T*>(p.out) + task * p.D;
+  float4 x[kBatch];
+  auto load = [&](int c0, int v) {
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      x[i] = c0 + i < count && v < vecs ? __ldg(part + static_cast<int64_t>(c0 + i) * vecs + v)
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  load(0, lane);
+  static_assert(kRowChunks <= 64, "two chunks per lane");
+  const float a = lane < count ? __ldg(p.lse_part + base + lane) : -INFINITY;
+  const float z = lane + 32 < count ? __ldg(p.lse_part + base + lane + 32) : -INFINITY;
+  float m = fmaxf(a, z);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  const float ref = m == -INFINITY ? 0.f : m;
+  const float wa = exp2f(a - ref), wz = exp2f(z - ref);  // (0 for an empty chunk)
+  float sum = wa + wz;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int v0 = 0; v0 < vecs; v0 += 32) {  // passes of 32 float4s (one for D <= 128)
+    const int v = v0 + lane;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int c0 = 0; c0 < count; c0 += kBatch) {  // warp-uniform
+      if (c0 > 0 || v0 > 0) load(c0, v);
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int c = c0 + i;  // its weight lives in lane c % 32's wa (c < 32) or wz
+        const float w = __shfl_sync(0xffffffffu, c < 32 ? wa : wz, c & 31) * inv;
+        acc.x = fmaf(w, x[i].x, acc.x);
+        acc.y = fmaf(w, x[i].y, acc.y);
+        acc.z = fmaf(w, x[i].z, acc.z);
+        acc.w = fmaf(w, x[i].w, acc.w);
+      }
+    }
+    if (v < vecs) {
+      out[4 * v] = to_t<T>(acc.x);
+      out[4 * v + 1] = to_t<T>(acc.y);
+      out[4 * v + 2] = to_t<T>(acc.z);
+      out[4 * v + 3] = to_t<T>(acc.w);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // host side
 
@@ -1085,10 +1154,20 @@ void dispatch_simt(PagedParams& p, Split& split, int device, cudaStream_t stream
   else dispatch_gt<8>(p, split, device, stream);
 }
 
+// A CTA per (row, query head) where rows average many chunks (few rows: its four warps share a row's
+// chunks); a warp per (row, head) where they average at most kWarpCombineChunks (many short rows). The grid
+// depends on (B, H_q, n_chunks) alone, as the attention kernel's does.
+constexpr int kWarpCombineChunks = 8;
+
 template <typename T>
 void launch_combine(PagedParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.B), static_cast<unsigned>(p.H_kv * p.G));
-  paged_combine_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  const int64_t tasks = int64_t{p.B} * p.H_kv * p.G;
+  if (p.n_chunks <= int64_t{kWarpCombineChunks} * p.B) {
+    paged_combine_warps_kernel<T><<<static_cast<unsigned>((tasks + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
+  } else {
+    const dim3 grid(static_cast<unsigned>(p.B), static_cast<unsigned>(p.H_kv * p.G));
+    paged_combine_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

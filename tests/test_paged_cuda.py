@@ -201,6 +201,20 @@ def test_paged_decode_cuda_many_rows(rows, dtype, bs):
 
 
 @gpu_test
+@pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (256, torch.bfloat16), (72, torch.float32)])
+def test_paged_decode_cuda_warp_combine(d, dtype):
+    """The merge with a warp per (row, head), which the launch picks where rows average <= 8 chunks: forced
+    by a small grid cap (programs=128: 64 chunks per kv head, 10 rows), one row of ~63 chunks (more than a
+    warp's lanes and several load batches), empty and one-key rows; D 256 takes two passes of 32 float4s."""
+    lengths = [20000, 0, 1, 700, 33, 0, 5000, 2, 129, 64]
+    k, v, tables = _pool(("warp-combine", d, dtype), lengths, 16, 2, d, dtype, "cuda")
+    q = torch.randn(len(lengths), 8, d, generator=_gen("q-warp", d, device="cuda"), device="cuda").to(dtype)
+    n = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    out = kcuda.paged_decode(q, k, v, tables, n, d ** -0.5, programs=128, min_chunk=16)
+    _check_decode(out, q, k, v, tables, n, d ** -0.5, f"warp combine d{d} {dtype}")
+
+
+@gpu_test
 @pytest.mark.parametrize("rows", [1, 40])
 def test_paged_decode_cuda_all_rows_empty(rows):
     """A batch with no keys at all (the schedule has no chunk to plan): every output row is zeros."""
