@@ -1,6 +1,6 @@
 """Builds the optional compiled extension ltengine._C; package metadata lives in pyproject.toml.
 
-- CUDA extension (CPU + CUDA truncate_kv_ / paged_truncate_, CUDA paged_decode) when torch sees a GPU or LTENGINE_CUDA=1, and
+- CUDA extension (CPU + CUDA truncate_kv_ / paged_truncate_, CUDA paged_decode, skinny_linear) when torch sees a GPU or LTENGINE_CUDA=1, and
   nvcc is found; arch list from TORCH_CUDA_ARCH_LIST (default "9.0").
 - Otherwise a C++ extension with the CPU truncate_kv_ / paged_truncate_ only.
 - Without torch, a compiler, or when the build fails: a warning, and the pure-Python package installs
@@ -58,7 +58,8 @@ def _extension_setup() -> dict:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         ext = CUDAExtension(
             "ltengine._C",
-            ["csrc/ops.cpp", "csrc/truncate_kv.cu", "csrc/paged_decode.cu", "csrc/paged_truncate.cu"],
+            ["csrc/ops.cpp", "csrc/truncate_kv.cu", "csrc/paged_decode.cu", "csrc/paged_truncate.cu",
+             "csrc/skinny_linear.cu"],
             define_macros=[("LTENGINE_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},
         )

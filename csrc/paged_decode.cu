@@ -52,6 +52,7 @@
 #include <type_traits>
 
 #include "check.h"
+#include "device.h"
 
 namespace ltengine {
 namespace {
@@ -1022,16 +1023,6 @@ __global__ void __launch_bounds__(kThreads) paged_combine_warps_kernel(const Pag
 // ---------------------------------------------------------------------------------------------------
 // host side
 
-int multiprocessor_count(int device) {
-  static int cache[64] = {};  // per device; benign race: every writer stores the same value
-  if (device < 0 || device >= 64) return 132;
-  if (cache[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device] = n;
-  }
-  return cache[device];
-}
 
 // The schedule's grid and partial buffers, once the kernel (hence its resident CTAs per SM) is known.
 struct Split {

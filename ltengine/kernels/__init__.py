@@ -14,8 +14,10 @@ Ops (shapes token-major, ``[B, T, H_kv, D]`` caches, ``[B, H_q, D]`` queries):
                                                                 their ring slots of its own blocks; tables [N, MB])
   prefill_sink_window(q, k, v, sink, window, scale)          -> [B, T, H_q, D] (streaming prefill: causal attention
                                                                 over sink + window keys; q [B, T, H_q, D], k/v [B, T, H_kv, D])
+  linear(x, w, bias)                                         -> [M, N] (the decode step's projections: x [M, K],
+                                                                w [N, K]; the CUDA kernel for M <= 8)
 
-Implementations, fastest first: ``cuda`` (csrc/, via cuda.py: paged_decode, paged_truncate_, truncate_kv_),
+Implementations, fastest first: ``cuda`` (csrc/, via cuda.py: paged_decode, paged_truncate_, truncate_kv_, linear),
 ``cpp`` (the CPU truncations of the same extension), ``triton`` (paged.py's paged decode, lazy_score.py,
 prefill.py's sink + window prefill),
 ``reference`` (reference.py, paged.py, lazy.py: the ground truth; decode_full / decode_sink_window have only
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 OPS = ("decode_full", "decode_sink_window", "truncate_kv_", "score_ratio", "score_peak", "score_cover", "paged_decode",
-       "paged_truncate_", "prefill_sink_window")
+       "paged_truncate_", "prefill_sink_window", "linear")
 SCORE_OPS = {"ratio": "score_ratio", "peak": "score_peak", "cover": "score_cover"}  # LazyConfig.score -> op
 IMPLS = ("cuda", "cpp", "triton", "sdpa", "reference")  # cpp: the CPU truncate_kv_ of ltengine._C
 
@@ -71,7 +73,7 @@ def _lazy_score():
 
 def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
     """Every usable implementation per op on this device, fastest first."""
-    from ltengine.kernels import paged, prefill
+    from ltengine.kernels import linear, paged, prefill
     from ltengine.lazy import cover_score, lazy_ratio, peak_score  # the reference scorers live with the policies
 
     ref = {
@@ -84,6 +86,7 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
         "paged_decode": _Impl("reference", paged.paged_decode_ref),
         "paged_truncate_": _Impl("reference", paged.paged_truncate_ref_),
         "prefill_sink_window": _Impl("reference", prefill.prefill_sink_window_ref),
+        "linear": _Impl("reference", linear.linear_ref),
     }
     out: dict[str, list[_Impl]] = {op: [] for op in OPS}
     from ltengine.kernels import sdpa  # contiguous-cache decode (the reference runner's fast path), any device
@@ -94,6 +97,7 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
         if _cuda.has_cuda_ext():
             out["truncate_kv_"].append(_Impl("cuda", _cuda.truncate_kv_))
             out["paged_truncate_"].append(_Impl("cuda", _cuda.paged_truncate_))
+            out["linear"].append(_Impl("cuda", linear.linear_cuda, linear.supports))
             # before Triton where it measured faster (all but 16-bit pools with D > 128); for every pool it
             # reads where Triton is missing
             out["paged_decode"].append(_Impl("cuda", _cuda.paged_decode,
@@ -183,6 +187,20 @@ class Backend:
         j <= i with j < sink or j > i - window."""
         return self._ops["prefill_sink_window"].pick(q.dtype, q.shape[-1]).fn(q, k, v, sink, window, scale)
 
+    def linear(self, x, w, bias=None):
+        """x [M, K] @ w[N, K].T (+ bias [N]) -> [M, N]; chosen by w's dtype and K (the CUDA kernel takes
+        M <= 8, ``F.linear`` the rest)."""
+        return self._ops["linear"].pick(w.dtype, w.shape[1]).fn(x, w, bias)
+
+    def drop(self, op: str, name: str) -> None:
+        """Remove implementation ``name`` of ``op`` (its next one runs instead), for side-by-side benchmarks;
+        call before a runner captures CUDA graphs. The reference stays."""
+        if name == "reference":
+            raise ValueError("the reference implementation cannot be dropped")
+        disp = self._ops[op]
+        disp.impls = [i for i in disp.impls if i.name != name]
+        disp.cache.clear()
+
     def impl_for(self, op: str, dtype: torch.dtype, head_dim: int) -> str:
         """Name of the implementation that runs ``op`` for this dtype and head dim."""
         return self._ops[op].pick(dtype, head_dim).name
@@ -197,6 +215,8 @@ class Backend:
                 if impl.supports is _cuda.paged_first:
                     parts.append(f"{impl.name} (bf16/fp16: D % 8 == 0, D <= 128; fp32: D % 8 == 0, "
                                  "fp8: D % 16 == 0; D <= 256)")
+                elif impl.name == "cuda" and op == "linear":
+                    parts.append("cuda (bf16/fp16, K % 8 == 0, <= 8 rows; F.linear otherwise)")
                 elif impl.supports is _cuda.paged_supports:
                     parts.append(f"{impl.name} (bf16/fp16/fp32: D % 8 == 0, fp8: D % 16 == 0; D <= 256)")
                 else:

@@ -9,6 +9,8 @@ Reference twins: ``reference.py`` (truncate_kv_), ``paged.py`` (paged_decode_ref
 - ``paged_decode``: CUDA; bf16/fp16 pools (tensor cores, a cp.async ring per warp) and fp8 e4m3 pools with
   per-row scales (fp16 tensor cores after an exact e4m3 -> fp16 conversion), head dims a multiple of 8
   (fp8: 16) up to 256; fp32 pools by exact fp32 dots. The balanced split-K schedule, CUDA-graph capturable.
+- ``skinny_linear``: CUDA; ``x [M, K] @ w[N, K].T + bias`` for 1..8 rows, bf16/fp16, K % 8 == 0 (the decode
+  step's projections; reference twin ``F.linear``, chosen in ``linear.py``).
 """
 
 from __future__ import annotations
@@ -88,6 +90,14 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
                                            float(scale), k_scale, v_scale, int(programs), int(min_chunk), int(stages))
 
 
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  stages: int = 0) -> torch.Tensor:
+    """``x [M, K] @ w[N, K].T (+ bias[N]) -> [M, N]`` for 1 <= M <= 8, bf16/fp16, K % 8 == 0, contiguous
+    16-byte-aligned x and w; fp32 accumulation. Same contract as ``F.linear`` there. ``stages``: the depth
+    of each warp's cp.async ring (0: 3 or 4 by the shape; 3, 4 or 6)."""
+    return torch.ops.ltengine.skinny_linear(x, w, bias, int(stages))
+
+
 if _C is not None:
     # Shapes for torch.compile / meta tensors.
     try:
@@ -102,5 +112,9 @@ if _C is not None:
         @torch.library.register_fake("ltengine::paged_decode")
         def _paged_decode_fake(q, k_pool, v_pool, tables, n_valid, scale, k_scale, v_scale, programs, min_chunk, stages):
             return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+        @torch.library.register_fake("ltengine::skinny_linear")
+        def _skinny_linear_fake(x, w, bias, stages):
+            return x.new_empty((x.shape[0], w.shape[0]))
     except (AttributeError, RuntimeError):  # older torch, or registered twice on reload
         pass
