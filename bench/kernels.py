@@ -1,10 +1,12 @@
-"""The paged kernels on one GPU, side by side in one run: CUDA (csrc/) vs Triton paged decode, and the
-paged truncation, as % of the device-to-device copy bandwidth measured in the same run.
+"""The compiled kernels on one GPU, side by side in one run: CUDA (csrc/) vs Triton paged decode, the
+paged truncation, and the decode step's projections (csrc skinny_linear vs F.linear / cuBLAS), as % of the
+device-to-device copy bandwidth measured in the same run.
 
     python3 bench/kernels.py              (writes $OUT/kernels.json when OUT is set)
     python3 bench/kernels.py --knobs      (also: both kernels' target chunks per SM at each shape)
     python3 bench/kernels.py --breakdown  (also: each kernel's device time, from the profiler)
     python3 bench/kernels.py --stages     (also: the CUDA kernel's ring depth, 2-4 stages, at each shape)
+    python3 bench/kernels.py --linear-only (only the decode step's projections: skinny_linear vs F.linear)
 
 Decode: bf16 and fp8 pools (e4m3 with per-row fp32 scales; bf16 queries), Llama-3-8B-shaped (32 q heads /
 8 kv heads, D 128), 64-token blocks at random places in the pool, 32 layers' calls in one CUDA graph (distinct blocks per layer while they fit 8 GB), median of
@@ -164,13 +166,76 @@ def truncate_table(bw: float) -> list[dict]:
     return out
 
 
+LINEAR_SHAPES = [  # the Llama-3-8B decode step's projections: name, N (outputs), K (inputs)
+    ("qkv 6144 x 4096", 6144, 4096), ("o 4096 x 4096", 4096, 4096), ("gate_up 28672 x 4096", 28672, 4096),
+    ("down 4096 x 14336", 4096, 14336), ("lm_head 128256 x 4096", 128256, 4096),
+]
+
+
+def _graph_bandwidth(fn, ws, nbytes: int) -> float:
+    """Bytes of w read per second by ``fn(w)`` over the copies ``ws``: one CUDA graph of one pass, median of 7
+    replays after a warm one."""
+    for w in ws:  # warm (cuBLAS heuristics, the kernel's shared-memory attribute)
+        fn(w)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for w in ws:
+            fn(w)
+    times = []
+    for _ in range(8):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return len(ws) * nbytes / statistics.median(times[1:])
+
+
+def linear_table(bw: float, rows=(1, 2, 4, 8), stages: bool = False) -> list[dict]:
+    """The decode step's projections, bf16: csrc skinny_linear vs F.linear (cuBLAS) at M rows of x, as
+    bytes of w read / time vs copy bandwidth. Copies of w rotate so that >= 1 GiB is read between two
+    reads of one copy (nothing comes from L2, as in a step over 32 layers). ``stages``: also the kernel's
+    ring depths."""
+    import torch.nn.functional as F
+    out = []
+    depths = (3, 4, 6) if stages else ()
+    head = "".join(f"{'cuda s' + str(d):>8s}" for d in depths)
+    print(f"{'linear (bf16)':24s} {'M':>3s} {'F.linear':>17s} {'skinny_linear':>17s}  ratio {head}")
+    for name, n, k in LINEAR_SHAPES:
+        nbytes = n * k * 2
+        copies = max(2, min(32, -(-(1 << 30) // nbytes)))
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            res = {"torch": _graph_bandwidth(lambda w: F.linear(x, w), ws, nbytes),
+                   "cuda": _graph_bandwidth(lambda w: kcuda.skinny_linear(x, w), ws, nbytes)}
+            for d in depths:
+                res[f"cuda_s{d}"] = _graph_bandwidth(lambda w: kcuda.skinny_linear(x, w, stages=d), ws, nbytes)
+            row = {"shape": name, "m": m, **{f"{k2}_pct_copy": 100 * v / bw for k2, v in res.items()}}
+            sweep = "".join(f"{row[f'cuda_s{d}_pct_copy']:7.1f}%" for d in depths)
+            print(f"{name:24s} {m:3d} {res['torch'] / 1e9:6.0f} GB/s {row['torch_pct_copy']:5.1f}% "
+                  f"{res['cuda'] / 1e9:6.0f} GB/s {row['cuda_pct_copy']:5.1f}%  {res['cuda'] / res['torch']:5.2f}x {sweep}",
+                  flush=True)
+            out.append(row)
+        del ws
+        torch.cuda.empty_cache()
+    return out
+
+
 def main():
     if not (torch.cuda.is_available() and kcuda.has_cuda_ext()):
         sys.exit("needs a CUDA GPU and ltengine._C built with CUDA (setup.py)")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
-    result = {"device": torch.cuda.get_device_name(), "copy_gbs": bw / 1e9,
+    if "--linear-only" in sys.argv:
+        result = {"device": torch.cuda.get_device_name(), "copy_gbs": bw / 1e9, "linear": linear_table(bw, stages="--stages" in sys.argv)}
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "kernels.json").write_text(json.dumps(result, indent=1))
+        return
+    result = {"device": torch.cuda.get_device_name(), "copy_gbs": bw / 1e9, "linear": linear_table(bw),
               "decode": decode_table(bw, "--knobs" in sys.argv, "--stages" in sys.argv), "other_dtypes": other_dtypes(bw),
               "truncate": truncate_table(bw)}
     if "--breakdown" in sys.argv:

@@ -410,7 +410,10 @@ class Bench:
         if self.args.backend:
             kw["backend"] = self.args.backend
         kw.update(extra)
-        return make_engine(self.model, self.notes, **kw)
+        eng = make_engine(self.model, self.notes, **kw)
+        if self.args.linear == "torch":  # the decode step's projections through F.linear (cuBLAS)
+            eng.backend.drop("linear", "cuda")
+        return eng
 
     def warm(self, engine: Engine, batch: int) -> None:
         """Prefill + a few decode steps at the timed batch size (CUDA graphs, Triton JIT, allocator)."""
@@ -862,6 +865,9 @@ def parse_args(argv=None):
     p.add_argument("--max-context", type=int,
                    help="override the config's max_position_embeddings (fp8 lazy's longest prompt at 8 GiB passes 131072)")
     p.add_argument("--runner", default="auto", help="engine runner: auto | paged | reference")
+    p.add_argument("--linear", choices=("auto", "torch"), default="auto",
+                   help="decode-step projections: the backend's choice (auto: the CUDA kernel at <= 16 rows when "
+                        "built) or F.linear (torch), for a side-by-side run")
     p.add_argument("--backend", choices=("cuda", "triton", "reference"),
                    help="kernel implementation put first where it exists (default: the backend's choice per op)")
     p.add_argument("--quick", action="store_true", help="CPU smoke: 2 layers, hidden 256, 256/512-token prompts, 8 new tokens")

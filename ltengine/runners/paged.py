@@ -107,9 +107,20 @@ class PagedRunner(Runner):
         # fused decode kernels (CUDA, fp16/bf16); the HF modules otherwise
         fast = fused_step and fused.available(pool.k.device, adapter.dtype, pool.dtype)
         self.fused = adapter.fused_weights() if fast else None
+        if self.fused is not None:
+            self.proj = [{k: self._bind(w[k]) for k in ("o", "down")} for w in self.fused]
+            self.head = self._bind(adapter.model.lm_head)
         self.attn_name = backend.impl_for("paged_decode", pool.dtype, s.head_dim)
         self.batches = DecodeBatches(s.num_layers, self.max_blocks, self.scratch, adapter.vocab_size, pool.k.device,
                                      self.graphs)
+
+    def _bind(self, m: torch.nn.Module):
+        """A projection as the fused step calls it: a plain ``nn.Linear`` through the backend's linear (the
+        CUDA kernel at decode batch sizes); any other module (tensor-parallel ones carry collectives) itself."""
+        if type(m) is not torch.nn.Linear:
+            return m
+        linear = self.backend.linear
+        return lambda x: linear(x, m.weight, m.bias)
 
     # ------------------------------------------------------------------ budget
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,17 +280,19 @@ class PagedRunner(Runner):
         b = x.shape[0]
         eps = layers[0]["ln1"].variance_epsilon
         normed, resid = fused.add_rmsnorm(x, None, layers[0]["ln1"].weight, eps)
+        linear = self.backend.linear
         for i, w in enumerate(layers):
-            qkv = torch.nn.functional.linear(normed, w["qkv_w"], w["qkv_b"])
+            qkv = linear(normed, w["qkv_w"], w["qkv_b"])
             q = fused.rope_store(qkv, cos, sin, h_q, h_kv, d, flat_k, flat_v, row[i], w["qn"], w["kn"], eps,
                                  flat_ks, flat_vs)
             o = self.backend.paged_decode(q, p.k, p.v, tables[i], n_valid[i], a.scale, p.k_scale, p.v_scale)
-            o = w["o"](o.reshape(b, -1))
+            o = self.proj[i]["o"](o.reshape(b, -1))
             normed, resid = fused.add_rmsnorm(o, resid, w["ln2"].weight, eps)
-            m = w["down"](fused.silu_mul(torch.nn.functional.linear(normed, w["gate_up_w"])))
+            m = fused.silu_mul(linear(normed, w["gate_up_w"]))
+            m = self.proj[i]["down"](m)
             nxt = layers[i + 1]["ln1"].weight if i + 1 < len(layers) else a.inner.norm.weight
             normed, resid = fused.add_rmsnorm(m, resid, nxt, eps)
-        st["logits"].copy_(a.model.lm_head(normed).float())
+        st["logits"].copy_(self.head(normed).float())
         return st["logits"]
 
     @torch.inference_mode()
