@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight models of each supported family, and the embedded default model."""
+"""Shared fixtures: tiny random-weight models of each supported family, the embedded default model, and the
+marks of the compiled-kernel GPU tests."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +11,18 @@ import torch
 
 # test this checkout, whatever another editable install of ltengine points at
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def gpu_test(fn):
+    """Tests of the compiled CUDA kernels: marked ``gpu``, skipped with a reason without a GPU or without the
+    CUDA build of ltengine._C."""
+    from ltengine.kernels import cuda as kcuda
+
+    for mark in (pytest.mark.gpu,
+                 pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+                 pytest.mark.skipif(not kcuda.has_cuda_ext(), reason="ltengine._C was built without CUDA kernels")):
+        fn = mark(fn)
+    return fn
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -19,18 +19,11 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import gpu_test
 
 from ltengine.kernels import cuda as kcuda
 from ltengine.kernels import get_backend
 from ltengine.kernels.linear import linear_cuda
-
-
-def gpu_test(fn):
-    for mark in (pytest.mark.gpu,
-                 pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-                 pytest.mark.skipif(not kcuda.has_cuda_ext(), reason="ltengine._C was built without CUDA kernels")):
-        fn = mark(fn)
-    return fn
 
 
 def bound(x, w, bias, dtype):

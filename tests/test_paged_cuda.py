@@ -19,22 +19,13 @@ import zlib
 
 import pytest
 import torch
+from conftest import gpu_test
 
 from ltengine.kernels import cuda as kcuda
 from ltengine.kernels import get_backend
 from ltengine.kernels.paged import paged_decode_ref, paged_truncate_ref_
 
 needs_cpu_ext = pytest.mark.skipif(not kcuda.has_cpu_ext(), reason="ltengine._C is not built (setup.py build_ext)")
-
-
-def gpu_test(fn):
-    """GPU tests: marked ``gpu``, skipped with a reason without a GPU or without the CUDA build."""
-    for mark in (pytest.mark.gpu,
-                 pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-                 pytest.mark.skipif(not kcuda.has_cuda_ext(), reason="ltengine._C was built without CUDA kernels")):
-        fn = mark(fn)
-    return fn
-
 
 FROB_BOUND = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 
