@@ -28,57 +28,15 @@
 
 #include <cstdint>
 #include <optional>
-#include <type_traits>
 
 #include "check.h"
 #include "device.h"
+#include "ptx.h"
 
 namespace ltengine {
 namespace {
 
 constexpr int kWarps = 4;   // K split this many ways inside a CTA
-
-// 16 bytes global -> shared; ok == false writes zeros and reads nothing. w streams through L2 only
-// (.cg); x, which every warp reads, is cached in L1 (.ca).
-__device__ __forceinline__ void cp16_cg(unsigned dst, const void* src, bool ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp16_ca(unsigned dst, const void* src, bool ok) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16(v);
-  } else {
-    return __float2half(v);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
 
 // One k step of a warp: w's 16 rows x 64 k (128 bytes a row), then x's 8 batch rows, 128 bytes each.
 // The copy gives each instruction whole 128-byte lines (lane l of instruction c: row 4c + l / 8, 16-byte
@@ -115,7 +73,7 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_gemm_kernel(const T* __res
   const T* src[R::kCopies];
   bool live[R::kCopies];  // an x row past M: zeros
   unsigned dst[R::kCopies];
-  const unsigned ring = static_cast<unsigned>(__cvta_generic_to_shared(smem + warp * R::kWarpBytes));
+  const unsigned ring = smem_addr(smem + warp * R::kWarpBytes);
 #pragma unroll
   for (int c = 0; c < R::kCopies; ++c) {
     const int r = 4 * c + (lane >> 3);
@@ -140,9 +98,9 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_gemm_kernel(const T* __res
     for (int c = 0; c < R::kCopies; ++c) {
       const T* p = ok ? src[c] + s * 64 : src[c];
       if (c < 4) {
-        cp16_cg(dst[c] + stage, p, ok && col_in);
+        cp16(dst[c] + stage, p, ok && col_in);  // w: read once
       } else {
-        cp16_ca(dst[c] + stage, p, ok && live[c]);
+        cp16_l1(dst[c] + stage, p, ok && live[c]);  // x: read by every warp
       }
     }
   };
@@ -172,7 +130,7 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_gemm_kernel(const T* __res
     for (int j = 0; j < 4; ++j) {  // the step's four k16 slices: words 2j, 2j + 1 of the lane's 16 k
       const int c = j >> 1, o = (j & 1) * 2;
       const uint32_t a[4] = {u[4 * c + o], u[4 * (c + 2) + o], u[4 * c + o + 1], u[4 * (c + 2) + o + 1]};
-      mma16816<T>(acc, a, u[4 * (4 + c) + o], u[4 * (4 + c) + o + 1]);
+      Mma<T>::run(acc, a, u[4 * (4 + c) + o], u[4 * (4 + c) + o + 1]);
     }
   }
   cp_wait<0>();
@@ -188,8 +146,8 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_gemm_kernel(const T* __res
     float sum = 0.f;
 #pragma unroll
     for (int v = 0; v < kWarps; ++v) sum += red[v][r][m];
-    if (bias != nullptr) sum += to_float(bias[n]);
-    out[static_cast<int64_t>(m) * N + n] = from_float<T>(sum);
+    if (bias != nullptr) sum += to_f(bias[n]);
+    out[static_cast<int64_t>(m) * N + n] = to_t<T>(sum);
   }
 }
 
