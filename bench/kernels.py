@@ -6,7 +6,8 @@ device-to-device copy bandwidth measured in the same run.
     python3 bench/kernels.py --knobs      (also: both kernels' target chunks per SM at each shape)
     python3 bench/kernels.py --breakdown  (also: each kernel's device time, from the profiler)
     python3 bench/kernels.py --stages     (also: the CUDA kernel's ring depth, 2-4 stages, at each shape)
-    python3 bench/kernels.py --linear-only (only the decode step's projections: skinny_linear vs F.linear)
+    python3 bench/kernels.py --linear-only [--stages]  (only the decode step's projections: skinny_linear vs
+                                          F.linear; --stages: also the kernel's ring depths 3, 4, 6)
 
 Decode: bf16 and fp8 pools (e4m3 with per-row fp32 scales; bf16 queries), Llama-3-8B-shaped (32 q heads /
 8 kv heads, D 128), 64-token blocks at random places in the pool, 32 layers' calls in one CUDA graph (distinct blocks per layer while they fit 8 GB), median of
@@ -230,16 +231,14 @@ def main():
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
-    if "--linear-only" in sys.argv:
-        result = {"device": torch.cuda.get_device_name(), "copy_gbs": bw / 1e9, "linear": linear_table(bw, stages="--stages" in sys.argv)}
-        if os.environ.get("OUT"):
-            Path(os.environ["OUT"], "kernels.json").write_text(json.dumps(result, indent=1))
-        return
-    result = {"device": torch.cuda.get_device_name(), "copy_gbs": bw / 1e9, "linear": linear_table(bw),
-              "decode": decode_table(bw, "--knobs" in sys.argv, "--stages" in sys.argv), "other_dtypes": other_dtypes(bw),
-              "truncate": truncate_table(bw)}
-    if "--breakdown" in sys.argv:
-        result["breakdown"] = breakdown(bw)
+    linear_only = "--linear-only" in sys.argv  # there --stages sweeps skinny_linear's ring, else the decode's
+    result = {"device": torch.cuda.get_device_name(), "copy_gbs": bw / 1e9,
+              "linear": linear_table(bw, stages=linear_only and "--stages" in sys.argv)}
+    if not linear_only:
+        result.update(decode=decode_table(bw, "--knobs" in sys.argv, "--stages" in sys.argv),
+                      other_dtypes=other_dtypes(bw), truncate=truncate_table(bw))
+        if "--breakdown" in sys.argv:
+            result["breakdown"] = breakdown(bw)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "kernels.json").write_text(json.dumps(result, indent=1))
 

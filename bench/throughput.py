@@ -866,7 +866,7 @@ def parse_args(argv=None):
                    help="override the config's max_position_embeddings (fp8 lazy's longest prompt at 8 GiB passes 131072)")
     p.add_argument("--runner", default="auto", help="engine runner: auto | paged | reference")
     p.add_argument("--linear", choices=("auto", "torch"), default="auto",
-                   help="decode-step projections: the backend's choice (auto: the CUDA kernel at <= 16 rows when "
+                   help="decode-step projections: the backend's choice (auto: the CUDA kernel at <= 8 rows when "
                         "built) or F.linear (torch), for a side-by-side run")
     p.add_argument("--backend", choices=("cuda", "triton", "reference"),
                    help="kernel implementation put first where it exists (default: the backend's choice per op)")

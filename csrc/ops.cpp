@@ -7,7 +7,7 @@
 //   paged_decode(q, k_pool, v_pool, tables, n_valid, scale, k_scale, v_scale, programs, min_chunk, stages) -> out
 //                                                                  CUDA; bf16/fp16/fp32 pools (D % 8 == 0) and
 //                                                                  fp8 e4m3 pools with scales (D % 16 == 0), D <= 256
-//   skinny_linear(x, w, bias, stages) -> x @ w.T + bias           CUDA; bf16/fp16, 1..16 rows of x, K % 8 == 0
+//   skinny_linear(x, w, bias, stages) -> x @ w.T + bias           CUDA; bf16/fp16, 1..8 rows of x, K % 8 == 0
 // Argument checks are LT_CHECK (check.h): TORCH_CHECK's message formatting crashed on the device image.
 #include <torch/extension.h>
 

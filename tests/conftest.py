@@ -24,6 +24,7 @@ def gpu_test(fn):
         fn = mark(fn)
     return fn
 
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 

@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from ltengine.kernels import cuda as _cuda
+from ltengine.kernels import linear as _linear
 from ltengine.kernels.reference import decode_full_ref, decode_sink_window_ref, ring_slot, truncate_kv_ref_
 
 __all__ = [
@@ -73,7 +74,7 @@ def _lazy_score():
 
 def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
     """Every usable implementation per op on this device, fastest first."""
-    from ltengine.kernels import linear, paged, prefill
+    from ltengine.kernels import paged, prefill
     from ltengine.lazy import cover_score, lazy_ratio, peak_score  # the reference scorers live with the policies
 
     ref = {
@@ -86,7 +87,7 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
         "paged_decode": _Impl("reference", paged.paged_decode_ref),
         "paged_truncate_": _Impl("reference", paged.paged_truncate_ref_),
         "prefill_sink_window": _Impl("reference", prefill.prefill_sink_window_ref),
-        "linear": _Impl("reference", linear.linear_ref),
+        "linear": _Impl("reference", _linear.linear_ref),
     }
     out: dict[str, list[_Impl]] = {op: [] for op in OPS}
     from ltengine.kernels import sdpa  # contiguous-cache decode (the reference runner's fast path), any device
@@ -97,7 +98,7 @@ def _candidates(device: torch.device) -> dict[str, list[_Impl]]:
         if _cuda.has_cuda_ext():
             out["truncate_kv_"].append(_Impl("cuda", _cuda.truncate_kv_))
             out["paged_truncate_"].append(_Impl("cuda", _cuda.paged_truncate_))
-            out["linear"].append(_Impl("cuda", linear.linear_cuda, linear.supports))
+            out["linear"].append(_Impl("cuda", _linear.linear_cuda, _linear.supports))
             # before Triton where it measured faster (all but 16-bit pools with D > 128); for every pool it
             # reads where Triton is missing
             out["paged_decode"].append(_Impl("cuda", _cuda.paged_decode,
@@ -215,7 +216,7 @@ class Backend:
                 if impl.supports is _cuda.paged_first:
                     parts.append(f"{impl.name} (bf16/fp16: D % 8 == 0, D <= 128; fp32: D % 8 == 0, "
                                  "fp8: D % 16 == 0; D <= 256)")
-                elif impl.name == "cuda" and op == "linear":
+                elif impl.supports is _linear.supports:
                     parts.append("cuda (bf16/fp16, K % 8 == 0, <= 8 rows; F.linear otherwise)")
                 elif impl.supports is _cuda.paged_supports:
                     parts.append(f"{impl.name} (bf16/fp16/fp32: D % 8 == 0, fp8: D % 16 == 0; D <= 256)")

@@ -4,7 +4,7 @@ At decode batch sizes a linear layer is one pass over its weights, so its time i
 over memory bandwidth. Two implementations, chosen once by the backend:
 
 - ``cuda``: ``csrc/skinny_linear.cu`` for 1..8 rows of bf16/fp16 with K a multiple of 8 (tensor cores,
-  w streamed once through a cp.async ring; 1.0-1.26x cuBLAS on the Llama-3-8B projections, H200); any
+  w streamed once through a cp.async ring; 1.00-1.24x cuBLAS on the Llama-3-8B projections, H200); any
   other call goes to ``F.linear`` (at 16 rows cuBLAS was faster on 4 of 5 shapes).
 - ``reference``: ``F.linear`` (cuBLAS on a GPU), the twin the kernel is tested against.
 """
