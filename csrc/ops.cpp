@@ -7,7 +7,10 @@
 //   paged_decode(q, k_pool, v_pool, tables, n_valid, scale, k_scale, v_scale, programs, min_chunk, stages) -> out
 //                                                                  CUDA; bf16/fp16/fp32 pools (D % 8 == 0) and
 //                                                                  fp8 e4m3 pools with scales (D % 16 == 0), D <= 256
-//   skinny_linear(x, w, bias, stages) -> x @ w.T + bias           CUDA; bf16/fp16, 1..8 rows of x, K % 8 == 0
+//   skinny_linear(x, w, bias, stages, x_ss, eps, glu, resid, next_norm) -> (out, out_ss, out_hn)
+//                                                                  CUDA; x @ w.T + bias for 1..8 rows, bf16/fp16,
+//                                                                  K % 8 == 0; the RMSNorm factor, silu(gate) * up,
+//                                                                  the residual add folded into the epilogue
 // Argument checks are LT_CHECK (check.h): TORCH_CHECK's message formatting crashed on the device image.
 #include <torch/extension.h>
 
@@ -145,7 +148,8 @@ TORCH_LIBRARY(ltengine, m) {
         "int window) -> ()");
   m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor n_valid, float scale, "
         "Tensor? k_scale, Tensor? v_scale, int programs, int min_chunk, int stages) -> Tensor");
-  m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias, int stages) -> Tensor");
+  m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias, int stages, Tensor? x_ss, float eps, bool glu, "
+        "Tensor? resid, Tensor? next_norm) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ltengine, CPU, m) {

@@ -1,5 +1,5 @@
 // Device primitives the CUDA kernels share: 16-bit <-> fp32 conversions, the m16n8k16 tensor-core MMA,
-// and cp.async copies into shared memory.
+// cp.async copies into shared memory, and the programmatic-dependent-launch controls.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -78,6 +78,21 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N>
 __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and where the kernel was launched without the
+// attribute, device.h launch_pdl): grid_dep_launch lets the next kernel in the stream start launching;
+// grid_dep_wait blocks until the previous kernel has finished and its writes are visible. A kernel launched
+// with the attribute reads nothing the previous kernels write, and writes nothing, before grid_dep_wait.
+__device__ __forceinline__ void grid_dep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dep_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
 }
 
 }  // namespace ltengine

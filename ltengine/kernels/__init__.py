@@ -144,6 +144,7 @@ class Backend:
     def __init__(self, name: str, impls: dict[str, list[_Impl]]):
         self.name = name
         self._ops = {op: _Dispatch(impls[op]) for op in OPS}
+        self.fold_linear = True  # linear_fuses: the decode step folds its elementwise kernels into the projections
 
     def decode_full(self, q, k, v, lengths, scale):
         """q [B, H_q, D], k/v [B, T_cap, H_kv, D], lengths [B] -> [B, H_q, D]."""
@@ -188,10 +189,18 @@ class Backend:
         j <= i with j < sink or j > i - window."""
         return self._ops["prefill_sink_window"].pick(q.dtype, q.shape[-1]).fn(q, k, v, sink, window, scale)
 
-    def linear(self, x, w, bias=None):
-        """x [M, K] @ w[N, K].T (+ bias [N]) -> [M, N]; chosen by w's dtype and K (the CUDA kernel takes
-        M <= 8, ``F.linear`` the rest)."""
-        return self._ops["linear"].pick(w.dtype, w.shape[1]).fn(x, w, bias)
+    def linear(self, x, w, bias=None, **modes):
+        """x [M, K] @ w[N, K].T (+ bias [N]) -> [M, N], with the decode step's RMSNorm factor (``x_ss``, ``eps``),
+        SiLU gate (``glu``) or residual add (``resid``, ``next_norm``) folded in (``kernels/linear.py``); chosen
+        by w's dtype and K (the CUDA kernel takes M <= 8, the PyTorch twin the rest)."""
+        return self._ops["linear"].pick(w.dtype, w.shape[1]).fn(x, w, bias, **modes)
+
+    def linear_fuses(self, rows: int, w: torch.Tensor) -> bool:
+        """``linear`` runs the CUDA kernel, elementwise modes included, for ``rows`` rows of x against w (where
+        it does not, the modes run as separate PyTorch ops: a caller keeps its own fused kernels instead).
+        ``fold_linear = False`` turns the folding off (side-by-side benchmarks)."""
+        return (self.fold_linear and self._ops["linear"].pick(w.dtype, w.shape[1]).name == "cuda"
+                and 1 <= rows <= _linear.SKINNY_ROWS)
 
     def drop(self, op: str, name: str) -> None:
         """Remove implementation ``name`` of ``op`` (its next one runs instead), for side-by-side benchmarks;

@@ -9,8 +9,9 @@ Reference twins: ``reference.py`` (truncate_kv_), ``paged.py`` (paged_decode_ref
 - ``paged_decode``: CUDA; bf16/fp16 pools (tensor cores, a cp.async ring per warp) and fp8 e4m3 pools with
   per-row scales (fp16 tensor cores after an exact e4m3 -> fp16 conversion), head dims a multiple of 8
   (fp8: 16) up to 256; fp32 pools by exact fp32 dots. The balanced split-K schedule, CUDA-graph capturable.
-- ``skinny_linear``: CUDA; ``x [M, K] @ w[N, K].T + bias`` for 1..8 rows, bf16/fp16, K % 8 == 0 (the decode
-  step's projections; reference twin ``F.linear``, chosen in ``linear.py``).
+- ``skinny_linear``: CUDA; ``x [M, K] @ w[N, K].T + bias`` for 1..8 rows, bf16/fp16, K % 8 == 0, with the
+  RMSNorm factor, silu(gate) * up or the residual add in its epilogue (the decode step's projections with the
+  elementwise kernels around them folded in; reference twin ``linear.linear_ref``, chosen in ``linear.py``).
 """
 
 from __future__ import annotations
@@ -90,12 +91,22 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
                                            float(scale), k_scale, v_scale, int(programs), int(min_chunk), int(stages))
 
 
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  stages: int = 0) -> torch.Tensor:
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, stages: int = 0,
+                  x_ss: torch.Tensor | None = None, eps: float = 0.0, glu: bool = False,
+                  resid: torch.Tensor | None = None, next_norm: torch.Tensor | None = None):
     """``x [M, K] @ w[N, K].T (+ bias[N]) -> [M, N]`` for 1 <= M <= 8, bf16/fp16, K % 8 == 0, contiguous
-    16-byte-aligned x and w; fp32 accumulation. Same contract as ``F.linear`` there. ``stages``: the depth
-    of each warp's cp.async ring (0: 3 or 4 by the shape; 3, 4 or 6)."""
-    return torch.ops.ltengine.skinny_linear(x, w, bias, int(stages))
+    16-byte-aligned x and w; fp32 accumulation, with the decode step's elementwise work in the epilogue:
+    ``x_ss [M, P]`` (x is RMSNorm's input times its weight; the rows' partial sums of squares of that input)
+    scales each row by rsqrt(sum / K + eps) before the bias; ``glu`` (w = [gate; up], 2I rows) gives
+    silu(gate) * up ``[M, I]``; ``resid [M, N]`` adds the residual and returns ``(h, h_ss, hn)``: h_ss
+    ``[M, ceil(N / 16)]`` fp32 partial sums of h^2 and hn = h * next_norm (None without it), the next
+    ``x_ss`` call's inputs. Same contract as ``linear.linear_ref``. ``stages``: the depth of each warp's
+    cp.async ring (0: 3 or 4 by the shape; 3, 4 or 6)."""
+    out, out_ss, out_hn = torch.ops.ltengine.skinny_linear(x, w, bias, int(stages), x_ss, float(eps), bool(glu),
+                                                           resid, next_norm)
+    if resid is None:
+        return out
+    return out, out_ss, (out_hn if next_norm is not None else None)
 
 
 if _C is not None:
@@ -114,7 +125,10 @@ if _C is not None:
             return torch.empty_like(q, memory_format=torch.contiguous_format)
 
         @torch.library.register_fake("ltengine::skinny_linear")
-        def _skinny_linear_fake(x, w, bias, stages):
-            return x.new_empty((x.shape[0], w.shape[0]))
+        def _skinny_linear_fake(x, w, bias, stages, x_ss, eps, glu, resid, next_norm):
+            m, n = x.shape[0], w.shape[0]
+            return (x.new_empty((m, n // 2 if glu else n)),
+                    x.new_empty((m if resid is not None else 0, -(-n // 16)), dtype=torch.float32),
+                    x.new_empty((m if next_norm is not None else 0, n)))
     except (AttributeError, RuntimeError):  # older torch, or registered twice on reload
         pass
