@@ -19,6 +19,9 @@
 // writes, a CTA per (row, query head) or, for many short rows, a warp; a row with no keys gets zeros.
 // (Merging in the attention kernel instead, by the last CTA of each row, was measured slower where a row
 // has many chunks: one SM then reads all of them, 88 KB at 1x8k, +5-8 us; bench/RESULTS.md, session 9.)
+// The combine kernel is launched with programmatic dependent launch (device.h): the attention kernel lets
+// it launch at once, so its CTAs wait on the SMs (griddepcontrol.wait) instead of behind a launch gap, and it
+// lets the next kernel (the output projection: skinny_linear) launch and start on its weights.
 //
 // Two attention kernels write the same partials:
 //  * mma: bf16/fp16 pools (D a multiple of 8) and fp8 pools (D a multiple of 16), D <= 256 padded to 64,
@@ -567,6 +570,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : (S == 2 || Tile::kFp
   // x: (kv head, head tile), fastest; y: the CTA's first chunk, then every gridDim.y-th (one wave of CTAs
   // loops over the chunks). CTAs running together read the same keys of every kv head, i.e. whole token
   // rows of the pool (H_kv x D contiguous), not one head's slice of each.
+  grid_dep_launch();  // the combine kernel may launch now (it waits for this grid before reading)
   const int mt = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles;
   const Lengths len = lengths_of(p);
   const Plan plan = balanced_plan(p, len);
@@ -687,6 +691,7 @@ __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams 
   constexpr int DPAD = E * 8;
   __shared__ float sm_acc[kWarps][GT][DPAD];
   __shared__ float sm_ml[kWarps][GT][2];
+  grid_dep_launch();
   const int tile = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles;  // heads fastest; y: chunks (as mma)
   const Lengths len = lengths_of(p);
   const Plan plan = balanced_plan(p, len);
@@ -835,8 +840,11 @@ __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const PagedPara
   static_assert(kRowChunks % kWarps == 0, "chunks split evenly over the warps");
   __shared__ float4 sm_o[kWarps][kVecs];
   __shared__ float sm_m[kWarps], sm_l[kWarps];
+  grid_dep_launch();  // the next kernel (the output projection) may launch and prefetch its weights
+  grid_dep_wait();    // the attention kernel's partials and row plan are visible from here on (plain loads
+                      // below: an __ldg may be hoisted above the wait, and read the previous replay's values)
   const int b = blockIdx.x, head = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int first = __ldg(p.row_plan + 2 * b), count = __ldg(p.row_plan + 2 * b + 1);  // count <= kRowChunks
+  const int first = p.row_plan[2 * b], count = p.row_plan[2 * b + 1];  // count <= kRowChunks
   const int64_t base = static_cast<int64_t>(head) * p.n_chunks + first;
   const float* lse = p.lse_part + base;
   const float4* part = reinterpret_cast<const float4*>(p.o_part + base * p.D);  // D % 4 == 0
@@ -845,7 +853,7 @@ __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const PagedPara
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int c = warp + kWarps * i;
-    ls[i] = c < count ? __ldg(lse + c) : -INFINITY;
+    ls[i] = c < count ? lse[c] : -INFINITY;
   }
   for (int v0 = 0; v0 < vecs; v0 += 32) {  // passes of 32 float4s (one for D <= 128)
     const int v = v0 + lane;
@@ -853,7 +861,7 @@ __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const PagedPara
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {  // issued before the weights are known: one round trip
       const int c = warp + kWarps * i;
-      x[i] = c < count && v < vecs ? __ldg(part + static_cast<int64_t>(c) * vecs + v) : make_float4(0.f, 0.f, 0.f, 0.f);
+      x[i] = c < count && v < vecs ? part[static_cast<int64_t>(c) * vecs + v] : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     float m = -INFINITY;
 #pragma unroll
@@ -904,11 +912,13 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) paged_combine_warps_kernel(const PagedParams p) {
   constexpr int kBatch = 8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  grid_dep_launch();
+  grid_dep_wait();
   const int64_t task = static_cast<int64_t>(blockIdx.x) * kWarps + warp;  // b * H_q + head
   const int hq = p.H_kv * p.G;
   if (task >= static_cast<int64_t>(p.B) * hq) return;  // (warp-uniform; no barrier below)
   const int b = static_cast<int>(task / hq), head = static_cast<int>(task - static_cast<int64_t>(b) * hq);
-  const int first = __ldg(p.row_plan + 2 * b), count = __ldg(p.row_plan + 2 * b + 1);  // count <= kRowChunks
+  const int first = p.row_plan[2 * b], count = p.row_plan[2 * b + 1];  // count <= kRowChunks
   const int64_t base = static_cast<int64_t>(head) * p.n_chunks + first;
   const float4* part = reinterpret_cast<const float4*>(p.o_part + base * p.D);  // D % 4 == 0
   const int vecs = p.D / 4;
@@ -917,14 +927,14 @@ __global__ void __launch_bounds__(kThreads) paged_combine_warps_kernel(const Pag
   auto load = [&](int c0, int v) {
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      x[i] = c0 + i < count && v < vecs ? __ldg(part + static_cast<int64_t>(c0 + i) * vecs + v)
+      x[i] = c0 + i < count && v < vecs ? part[static_cast<int64_t>(c0 + i) * vecs + v]
                                         : make_float4(0.f, 0.f, 0.f, 0.f);
     }
   };
   load(0, lane);
   static_assert(kRowChunks <= 64, "two chunks per lane");
-  const float a = lane < count ? __ldg(p.lse_part + base + lane) : -INFINITY;
-  const float z = lane + 32 < count ? __ldg(p.lse_part + base + lane + 32) : -INFINITY;
+  const float a = lane < count ? p.lse_part[base + lane] : -INFINITY;
+  const float z = lane + 32 < count ? p.lse_part[base + lane + 32] : -INFINITY;
   float m = fmaxf(a, z);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -1089,15 +1099,16 @@ void dispatch_simt(PagedParams& p, Split& split, int device, cudaStream_t stream
 constexpr int kWarpCombineChunks = 8;
 
 template <typename T>
-void launch_combine(PagedParams& p, cudaStream_t stream) {
+void launch_combine(PagedParams& p, int device, cudaStream_t stream) {
   const int64_t tasks = int64_t{p.B} * p.H_kv * p.G;
+  const bool pdl = pdl_enabled(device);  // launched while the attention kernel runs (it waits for it)
   if (p.n_chunks <= int64_t{kWarpCombineChunks} * p.B) {
-    paged_combine_warps_kernel<T><<<static_cast<unsigned>((tasks + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
+    launch_pdl(&paged_combine_warps_kernel<T>, dim3(static_cast<unsigned>((tasks + kWarps - 1) / kWarps)),
+               dim3(kThreads), 0, stream, pdl, p);
   } else {
     const dim3 grid(static_cast<unsigned>(p.B), static_cast<unsigned>(p.H_kv * p.G));
-    paged_combine_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+    launch_pdl(&paged_combine_kernel<T>, grid, dim3(kThreads), 0, stream, pdl, p);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void check_aligned(const at::Tensor& t, const char* name) {
@@ -1225,14 +1236,14 @@ at::Tensor paged_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_pool, c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (dt == at::kBFloat16) {
     dispatch_mma<__nv_bfloat16, __nv_bfloat16>(p, split, fp8, stages, device, stream);
-    launch_combine<__nv_bfloat16>(p, stream);
+    launch_combine<__nv_bfloat16>(p, device, stream);
   } else if (dt == at::kHalf) {
     dispatch_mma<__half, __half>(p, split, fp8, stages, device, stream);
-    launch_combine<__half>(p, stream);
+    launch_combine<__half>(p, device, stream);
   } else {
     if (fp8) dispatch_mma<float, float>(p, split, true, stages, device, stream);
     else dispatch_simt(p, split, device, stream);
-    launch_combine<float>(p, stream);
+    launch_combine<float>(p, device, stream);
   }
   return out;
 }
