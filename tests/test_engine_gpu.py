@@ -7,6 +7,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 from ltengine import Engine, LazyConfig
 from ltengine.memory.cache import FullKV, KVMeter, demote
+from ltengine.kernels import cuda as kcuda
 from ltengine.kernels import get_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -103,6 +104,8 @@ def test_bf16_fused_paged_decode_agrees_with_reference(family):
         pool = KVPool(4 * 4 * (n + 40) // 16 + 8, 16, 2, 64, torch.bfloat16, torch.device("cuda"))
         fast = PagedRunner(engine.adapter, engine.backend, pool)
         assert fast.fused is not None and fast.attn_name in ("cuda", "triton") and fast.graphs
+        # with the CUDA build the step folds its norms, residual adds and SiLU into the projections
+        assert fast._fold_linear(1) == kcuda.has_cuda_ext()
         runs = [r.prefill(prefill_requests(r.backend, [ids], [make_policy(lazy, 4, 2)], lazy, 24))[0]
                 for r in (ref32, ref, fast)]
         assert runs[0].lazy_layers == runs[1].lazy_layers == runs[2].lazy_layers and len(runs[0].lazy_layers) == 2

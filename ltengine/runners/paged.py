@@ -271,29 +271,56 @@ class PagedRunner(Runner):
 
     def _step_fused(self, st, x, cos, sin, row, tables, n_valid) -> torch.Tensor:
         """The decode step with merged projections and fused elementwise kernels: per layer two
-        norms, three GEMMs, one RoPE + KV-store kernel, the attention and the gated MLP."""
+        norms, three GEMMs, one RoPE + KV-store kernel, the attention and the gated MLP. Where the backend's
+        linear is the CUDA kernel for this batch (``_fold_linear``), the norms, the residual adds and the SiLU
+        gate run inside the projections instead (``kernels/linear.py``): 7 launches a layer instead of 10."""
         a, shape = self.adapter, self.adapter.shape
         h_q, h_kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
         layers, p = self.fused, self.pool
         flat_k, flat_v = self.flat()
         flat_ks, flat_vs = self.flat_scales()
         b = x.shape[0]
+        fold = self._fold_linear(b)
         eps = layers[0]["ln1"].variance_epsilon
         normed, resid = fused.add_rmsnorm(x, None, layers[0]["ln1"].weight, eps)
+        ss = None  # fold: the residual stream's partial sums of squares; `normed` is then resid * norm weight
         linear = self.backend.linear
         for i, w in enumerate(layers):
-            qkv = linear(normed, w["qkv_w"], w["qkv_b"])
+            if fold and i > 0:
+                qkv = linear(normed, w["qkv_w"], w["qkv_b"], x_ss=ss, eps=w["ln1"].variance_epsilon)
+            else:
+                qkv = linear(normed, w["qkv_w"], w["qkv_b"])
             q = fused.rope_store(qkv, cos, sin, h_q, h_kv, d, flat_k, flat_v, row[i], w["qn"], w["kn"], eps,
                                  flat_ks, flat_vs)
             o = self.backend.paged_decode(q, p.k, p.v, tables[i], n_valid[i], a.scale, p.k_scale, p.v_scale)
+            nxt = layers[i + 1]["ln1"] if i + 1 < len(layers) else a.inner.norm
+            if fold:
+                resid, ss, normed = linear(o.reshape(b, -1), w["o"].weight, w["o"].bias, resid=resid,
+                                           next_norm=w["ln2"].weight)
+                m = linear(normed, w["gate_up_w"], x_ss=ss, eps=w["ln2"].variance_epsilon, glu=True)
+                resid, ss, normed = linear(m, w["down"].weight, w["down"].bias, resid=resid, next_norm=nxt.weight)
+                continue
             o = self.proj[i]["o"](o.reshape(b, -1))
             normed, resid = fused.add_rmsnorm(o, resid, w["ln2"].weight, eps)
             m = fused.silu_mul(linear(normed, w["gate_up_w"]))
             m = self.proj[i]["down"](m)
-            nxt = layers[i + 1]["ln1"].weight if i + 1 < len(layers) else a.inner.norm.weight
-            normed, resid = fused.add_rmsnorm(m, resid, nxt, eps)
-        st["logits"].copy_(self.head(normed).float())
+            normed, resid = fused.add_rmsnorm(m, resid, nxt.weight, eps)
+        if fold:
+            head = a.model.lm_head
+            logits = linear(normed, head.weight, head.bias, x_ss=ss, eps=a.inner.norm.variance_epsilon)
+        else:
+            logits = self.head(normed)
+        st["logits"].copy_(logits.float())
         return st["logits"]
+
+    def _fold_linear(self, b: int) -> bool:
+        """The step folds its norms, residual adds and SiLU into the projections: the backend's linear is the
+        CUDA kernel at ``b`` rows and every projection is a plain ``nn.Linear`` (tensor-parallel ones carry
+        collectives and keep their forward)."""
+        if not self.backend.linear_fuses(b, self.fused[0]["qkv_w"]):
+            return False
+        mods = [w[k] for w in self.fused for k in ("o", "down")] + [self.adapter.model.lm_head]
+        return all(type(m) is torch.nn.Linear for m in mods)
 
     @torch.inference_mode()
     def decode(self, seqs: list[PagedSeq], tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
