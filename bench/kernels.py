@@ -1,6 +1,7 @@
 """The compiled kernels on one GPU, side by side in one run: CUDA (csrc/) vs Triton paged decode, the
-paged truncation, and the decode step's projections (csrc skinny_linear vs F.linear / cuBLAS), as % of the
-device-to-device copy bandwidth measured in the same run.
+paged truncation, and the decode step's projections (csrc skinny_linear vs F.linear / cuBLAS; and one layer's
+projections with the norms, residual adds and SiLU folded into them vs those as separate kernels), as % of
+the device-to-device copy bandwidth measured in the same run.
 
     python3 bench/kernels.py              (writes $OUT/kernels.json when OUT is set)
     python3 bench/kernels.py --knobs      (also: both kernels' target chunks per SM at each shape)
@@ -225,6 +226,51 @@ def linear_table(bw: float, rows=(1, 2, 4, 8), stages: bool = False) -> list[dic
     return out
 
 
+def fold_table(bw: float, rows=(1, 8), layers: int = 16) -> list[dict]:
+    """One decode layer's projections of Llama-3-8B, bf16, ``layers`` of them (distinct weights) in one CUDA
+    graph: skinny_linear with the norms, residual adds and SiLU folded in (the engine's step at <= 8 rows)
+    against the same kernel with them as the fused Triton kernels (session 10's step), as weights' bytes /
+    time vs copy bandwidth. The attention is left out: o's input is a fixed tensor."""
+    from ltengine.kernels import fused
+    hid, inter, qkv_n, eps = 4096, 14336, 6144, 1e-5
+    shapes = ((hid, hid), (2 * inter, hid), (hid, inter), (qkv_n, hid))
+    ws = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in shapes] for _ in range(layers)]
+    nw = torch.rand(hid, device="cuda", dtype=torch.bfloat16) + 0.5
+    nbytes = layers * sum(n * k * 2 for n, k in shapes)
+    out = []
+    print(f"{'layer projections':24s} {'M':>3s} {'separate kernels':>17s} {'folded':>17s}  ratio")
+    for m in rows:
+        o = torch.randn(m, hid, device="cuda", dtype=torch.bfloat16)
+        x0 = torch.randn(m, hid, device="cuda", dtype=torch.bfloat16)
+
+        def separate(_):
+            resid, normed = x0, None
+            for w in ws:
+                normed, resid = fused.add_rmsnorm(kcuda.skinny_linear(o, w[0]), resid, nw, eps)
+                mm = kcuda.skinny_linear(fused.silu_mul(kcuda.skinny_linear(normed, w[1])), w[2])
+                normed, resid = fused.add_rmsnorm(mm, resid, nw, eps)
+                kcuda.skinny_linear(normed, w[3])
+
+        def folded(_):
+            resid, hn = x0, None
+            for w in ws:
+                resid, ss, hn = kcuda.skinny_linear(o, w[0], resid=resid, next_norm=nw)
+                mm = kcuda.skinny_linear(hn, w[1], x_ss=ss, eps=eps, glu=True)
+                resid, ss, hn = kcuda.skinny_linear(mm, w[2], resid=resid, next_norm=nw)
+                kcuda.skinny_linear(hn, w[3], x_ss=ss, eps=eps)
+
+        res = {"separate": _graph_bandwidth(separate, [None], nbytes), "folded": _graph_bandwidth(folded, [None], nbytes)}
+        row = {"m": m, **{f"{k}_pct_copy": 100 * v / bw for k, v in res.items()},
+               "us_per_layer": {k: 1e6 * nbytes / v / layers for k, v in res.items()}}
+        print(f"{'o, gate_up, down, qkv':24s} {m:3d} {row['us_per_layer']['separate']:6.1f} us {row['separate_pct_copy']:5.1f}% "
+              f"{row['us_per_layer']['folded']:6.1f} us {row['folded_pct_copy']:5.1f}%  "
+              f"{res['folded'] / res['separate']:5.2f}x", flush=True)
+        out.append(row)
+    del ws
+    torch.cuda.empty_cache()
+    return out
+
+
 def main():
     if not (torch.cuda.is_available() and kcuda.has_cuda_ext()):
         sys.exit("needs a CUDA GPU and ltengine._C built with CUDA (setup.py)")
@@ -233,7 +279,7 @@ def main():
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     linear_only = "--linear-only" in sys.argv  # there --stages sweeps skinny_linear's ring, else the decode's
     result = {"device": torch.cuda.get_device_name(), "copy_gbs": bw / 1e9,
-              "linear": linear_table(bw, stages=linear_only and "--stages" in sys.argv)}
+              "linear": linear_table(bw, stages=linear_only and "--stages" in sys.argv), "fold": fold_table(bw)}
     if not linear_only:
         result.update(decode=decode_table(bw, "--knobs" in sys.argv, "--stages" in sys.argv),
                       other_dtypes=other_dtypes(bw), truncate=truncate_table(bw))

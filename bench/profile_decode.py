@@ -1,12 +1,17 @@
 """Where a decode step's time goes at the throughput benchmark's budget point (device only).
 
     python3 bench/profile_decode.py [--batch-full 9] [--batch-lazy 19] [--prompt 32768] [--steps 16]
+                                    [--linear auto|unfused|torch]
 
 Llama-3-8B-shaped random model (bench/llama3_8b_config.json), bf16. For full mode and 50% lazy it
 prefills the batch through ``Engine.generate`` with a 40 GiB pool, then profiles ``--steps`` decode
 steps (CUDA graphs off, so each kernel is listed) and prints GPU time per step by kernel group:
 GEMMs, paged attention (split + combine), fused elementwise, other, next to the bandwidth floor of
-the step (weights + KV read over measured copy bandwidth).
+the step (weights + KV read over measured copy bandwidth). ``--linear``: the projections as the engine
+runs them (auto: the CUDA kernel with the norms, residual adds and SiLU folded in, at <= 8 rows), the CUDA
+kernel with those as separate kernels (unfused), or F.linear (torch). Kernels launched with programmatic
+dependent launch start while the previous one finishes, and the profiler counts that wait as theirs: run
+with ``LTENGINE_PDL=0`` for a per-kernel breakdown (bench/throughput.py gives the end-to-end rate).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ def main() -> None:
     p.add_argument("--batch-lazy", type=int, default=19)
     p.add_argument("--prompt", type=int, default=32768)
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--linear", choices=("auto", "unfused", "torch"), default="auto")
     a = p.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev, 2 << 30)
@@ -59,6 +65,9 @@ def main() -> None:
         eng.generate(prompts[:1], max_new_tokens=2, ignore_eos=True)  # builds the pool and the runner
         runner = eng.runner
         runner.graphs = False  # every kernel shows in the profile
+        eng.backend.fold_linear = a.linear == "auto"
+        if a.linear == "torch":
+            eng.backend.drop("linear", "cuda")
         steps, L = a.steps, config.num_hidden_layers
         n_lazy = lazy.num_lazy(L) if lazy else 0
         seqs = []  # drive the runner directly: one prefill per prompt, then decode steps of the batch

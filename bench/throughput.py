@@ -413,6 +413,7 @@ class Bench:
         eng = make_engine(self.model, self.notes, **kw)
         if self.args.linear == "torch":  # the decode step's projections through F.linear (cuBLAS)
             eng.backend.drop("linear", "cuda")
+        eng.backend.fold_linear = self.args.linear == "auto"  # else the norms, residual adds, SiLU: own kernels
         return eng
 
     def warm(self, engine: Engine, batch: int) -> None:
@@ -865,9 +866,10 @@ def parse_args(argv=None):
     p.add_argument("--max-context", type=int,
                    help="override the config's max_position_embeddings (fp8 lazy's longest prompt at 8 GiB passes 131072)")
     p.add_argument("--runner", default="auto", help="engine runner: auto | paged | reference")
-    p.add_argument("--linear", choices=("auto", "torch"), default="auto",
+    p.add_argument("--linear", choices=("auto", "unfused", "torch"), default="auto",
                    help="decode-step projections: the backend's choice (auto: the CUDA kernel at <= 8 rows when "
-                        "built) or F.linear (torch), for a side-by-side run")
+                        "built, with the norms, residual adds and SiLU folded in), the CUDA kernel with those as "
+                        "separate kernels (unfused), or F.linear (torch), for a side-by-side run")
     p.add_argument("--backend", choices=("cuda", "triton", "reference"),
                    help="kernel implementation put first where it exists (default: the backend's choice per op)")
     p.add_argument("--quick", action="store_true", help="CPU smoke: 2 layers, hidden 256, 256/512-token prompts, 8 new tokens")
