@@ -2,9 +2,11 @@
 # The compiled kernels on a GPU machine, in one go (~4 min on an H200; each step has its own timeout):
 #   1. build ltengine._C for sm_90 in place (register / spill report of every kernel);
 #   2. a failed LT_CHECK inside the extension raises in Python (in a child process: a crash fails the line);
-#   3. the kernel tests: csrc paged decode (every dtype, fp8 too), truncation and skinny_linear against their
-#      PyTorch twins, the Triton kernels beside them, the backend's choice;
-#   4. bench/kernels.py: the decode step's projections (csrc skinny_linear vs cuBLAS), CUDA vs Triton paged
+#   3. the kernel tests: csrc paged decode (every dtype, fp8 too), truncation and skinny_linear (its folded
+#      RMSNorm / SiLU / residual modes and a PDL chain in a CUDA graph) against their PyTorch twins, the Triton
+#      kernels beside them, the backend's choice, and the fused decode step against an fp32 reference;
+#   4. bench/kernels.py: the decode step's projections (csrc skinny_linear vs cuBLAS; one layer's projections
+#      with the elementwise kernels folded in vs separate), CUDA vs Triton paged
 #      decode (bf16 and fp8 pools) on the engine's shapes as % of the copy bandwidth measured in the same
 #      run, the CUDA kernel's schedule knobs, the truncation.
 #   bash bench/gpu_kernels.sh [--no-knobs] [--breakdown]   (from the repo root; logs and kernels.json under $OUT)
@@ -58,7 +60,8 @@ echo "child rc=$? (0: every check raised; 139: a segfault)"
 echo "== tests"
 start=$(date +%s)
 timeout 240 python3 -m pytest -q -x -rs --durations=8 -p no:cacheprovider tests/test_paged_cuda.py tests/test_fp8_cuda.py \
-  tests/test_kernels.py tests/test_linear_cuda.py > "$OUT/pytest.log" 2>&1
+  tests/test_kernels.py tests/test_linear_cuda.py "tests/test_engine_gpu.py::test_bf16_fused_paged_decode_agrees_with_reference" \
+  > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$? in $(( $(date +%s) - start )) s"
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
 grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/pytest.log" | head -30

@@ -14,8 +14,10 @@ Ops (shapes token-major, ``[B, T, H_kv, D]`` caches, ``[B, H_q, D]`` queries):
                                                                 their ring slots of its own blocks; tables [N, MB])
   prefill_sink_window(q, k, v, sink, window, scale)          -> [B, T, H_q, D] (streaming prefill: causal attention
                                                                 over sink + window keys; q [B, T, H_q, D], k/v [B, T, H_kv, D])
-  linear(x, w, bias)                                         -> [M, N] (the decode step's projections: x [M, K],
-                                                                w [N, K]; the CUDA kernel for M <= 8)
+  linear(x, w, bias[, x_ss, eps, glu, resid, next_norm])    -> [M, N] (the decode step's projections: x [M, K],
+                                                                w [N, K]; the CUDA kernel for M <= 8, with the RMSNorm
+                                                                factor, SiLU gate or residual add in its epilogue:
+                                                                linear.py)
 
 Implementations, fastest first: ``cuda`` (csrc/, via cuda.py: paged_decode, paged_truncate_, truncate_kv_, linear),
 ``cpp`` (the CPU truncations of the same extension), ``triton`` (paged.py's paged decode, lazy_score.py,
@@ -226,7 +228,8 @@ class Backend:
                     parts.append(f"{impl.name} (bf16/fp16: D % 8 == 0, D <= 128; fp32: D % 8 == 0, "
                                  "fp8: D % 16 == 0; D <= 256)")
                 elif impl.supports is _linear.supports:
-                    parts.append("cuda (bf16/fp16, K % 8 == 0, <= 8 rows; F.linear otherwise)")
+                    parts.append("cuda (bf16/fp16, K % 8 == 0, <= 8 rows, RMSNorm factor / SiLU gate / residual add "
+                                 "in the epilogue; the PyTorch twin otherwise)")
                 elif impl.supports is _cuda.paged_supports:
                     parts.append(f"{impl.name} (bf16/fp16/fp32: D % 8 == 0, fp8: D % 16 == 0; D <= 256)")
                 else:
