@@ -1,4 +1,4 @@
-// skinny_linear: out[M, N] = a[M, K] @ w[N, K]^T (+ bias[N]) for the decode step's few rows (M <= 8),
+// skinny_linear: out[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]) for the decode step's few rows (M <= 8),
 // bf16/fp16, fp32 accumulation on tensor cores. Reference twins: kernels/linear.py.
 //
 // At M <= 8 a linear layer is one pass over its weights, so its time is w's bytes over memory bandwidth.
