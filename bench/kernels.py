@@ -244,7 +244,7 @@ def fold_table(bw: float, rows=(1, 8), layers: int = 16) -> list[dict]:
         x0 = torch.randn(m, hid, device="cuda", dtype=torch.bfloat16)
 
         def separate(_):
-            resid, normed = x0, None
+            resid = x0
             for w in ws:
                 normed, resid = fused.add_rmsnorm(kcuda.skinny_linear(o, w[0]), resid, nw, eps)
                 mm = kcuda.skinny_linear(fused.silu_mul(kcuda.skinny_linear(normed, w[1])), w[2])
@@ -252,7 +252,7 @@ def fold_table(bw: float, rows=(1, 8), layers: int = 16) -> list[dict]:
                 kcuda.skinny_linear(normed, w[3])
 
         def folded(_):
-            resid, hn = x0, None
+            resid = x0
             for w in ws:
                 resid, ss, hn = kcuda.skinny_linear(o, w[0], resid=resid, next_norm=nw)
                 mm = kcuda.skinny_linear(hn, w[1], x_ss=ss, eps=eps, glu=True)
