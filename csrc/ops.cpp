@@ -4,7 +4,8 @@
 // see real ops); importing ltengine._C loads this library and registers them.
 //   truncate_kv_(k, v, lengths, sink, window)                      CPU + CUDA, any dtype, in place
 //   paged_truncate_(k_pool, v_pool, tables, lengths, sink, window) CPU + CUDA, any dtype, in place
-//   paged_decode(q, k_pool, v_pool, tables, n_valid, scale, k_scale, v_scale, programs, min_chunk, stages) -> out
+//   paged_decode(q, k_pool, v_pool, tables, n_valid, scale, k_scale, v_scale, programs, min_chunk, stages,
+//                overlap) -> out
 //                                                                  CUDA; bf16/fp16/fp32 pools (D % 8 == 0) and
 //                                                                  fp8 e4m3 pools with scales (D % 16 == 0), D <= 256
 //   skinny_linear(x, w, bias, stages, x_ss, eps, glu, resid, next_norm) -> (out, out_ss, out_hn)
@@ -147,7 +148,7 @@ TORCH_LIBRARY(ltengine, m) {
   m.def("paged_truncate_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor tables, Tensor lengths, int sink, "
         "int window) -> ()");
   m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor n_valid, float scale, "
-        "Tensor? k_scale, Tensor? v_scale, int programs, int min_chunk, int stages) -> Tensor");
+        "Tensor? k_scale, Tensor? v_scale, int programs, int min_chunk, int stages, bool overlap=False) -> Tensor");
   m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias, int stages, Tensor? x_ss, float eps, bool glu, "
         "Tensor? resid, Tensor? next_norm) -> (Tensor, Tensor, Tensor)");
 }

@@ -15,13 +15,17 @@
 // chosen for whole waves (balanced_plan: the cheapest wave count, then the smallest size that fits it),
 // which is where this schedule parts from the Triton kernel's (ltengine/kernels/paged.py: total keys over
 // a fixed target). The grid is fixed by (B, H_kv) alone: one CUDA graph serves any lengths. A second
-// kernel merges each row's chunks (output, log2-sum-exp) from the row plan the first kernel's CTA (0, 0)
-// writes, a CTA per (row, query head) or, for many short rows, a warp; a row with no keys gets zeros.
+// kernel merges each row's chunks (output, log2-sum-exp), a CTA per (row, query head) or, for many short
+// rows, a warp, working out the row's chunks from n_valid as the first does; a row with no keys gets zeros.
 // (Merging in the attention kernel instead, by the last CTA of each row, was measured slower where a row
 // has many chunks: one SM then reads all of them, 88 KB at 1x8k, +5-8 us; bench/RESULTS.md, session 9.)
 // The combine kernel is launched with programmatic dependent launch (device.h): the attention kernel lets
-// it launch at once, so its CTAs wait on the SMs (griddepcontrol.wait) instead of behind a launch gap, and it
-// lets the next kernel (the output projection: skinny_linear) launch and start on its weights.
+// it launch at once, so its CTAs work out their rows' chunks and wait on the SMs (griddepcontrol.wait)
+// instead of behind a launch gap, and it lets the next kernel (the output projection: skinny_linear, or the
+// next layer's attention) launch. With `overlap` the attention kernel is launched that way too: its
+// prologue (n_valid, the schedule, each warp's first block-table entry) runs while the previous kernel
+// finishes, and it waits before reading q, the pools or writing partials. That is for callers whose
+// tables and n_valid are not being written while the previous kernel runs (the paged runner's step).
 //
 // Two attention kernels write the same partials:
 //  * mma: bf16/fp16 pools (D a multiple of 8) and fp8 pools (D a multiple of 16), D <= 256 padded to 64,
@@ -64,7 +68,8 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kBlockN = 16;              // keys per warp per step (mma kernel)
-constexpr int kCtaN = kWarps * kBlockN;  // chunk sizes are multiples of this
+constexpr int kCtaN = kWarps * kBlockN;  // chunk sizes are multiples of this (a CTA's step; 16 measured worse:
+                                         // a CTA's time is its steps, bench/RESULTS.md session 12)
 constexpr int kRowChunks = 64;           // a row is cut into at most this many chunks
 constexpr int kMinChunk = 128;           // default fewest keys per chunk
 constexpr int kProgramsPerSM = 12;       // default most chunks per SM (all kv heads together), in whole waves
@@ -84,8 +89,6 @@ struct PagedParams {
   int B, H_kv, G, m_tiles, D, bs, bs_shift, MB;                   // bs_shift: log2(bs), or -1
   int tph, min_chunk, n_chunks;  // most chunks per kv head (the cap); the grid's chunk dimension (plan_split)
   int slots;                      // CTAs resident at once per (kv head, head tile): one wave
-  int32_t* row_plan;              // [B, 2]: each row's first chunk and chunk count, written by the
-                                  // attention kernel's CTA (0, 0) for the combine kernel
   float score_mul;   // multiplies a raw score into the log2 domain (exp2f): scale * log2(e), or log2(e)
                      // where q was pre-scaled (fp8 pools)
   float q_mul;       // multiplies q as it is converted to the MMA type (fp8 pools: the softmax scale)
@@ -155,9 +158,8 @@ __device__ __forceinline__ Lengths lengths_of(const PagedParams& p) {
 }
 
 // The row of chunk `chunk` (chunks numbered in row order, row r taking cdiv(n_r, per)): an inclusive scan
-// of the rows' chunk counts, 32 rows at a time; row -1 past the last. store: also write every row's
-// (first chunk, count) to p.row_plan for the combine kernel (the whole scan runs).
-__device__ __forceinline__ Where locate(const PagedParams& p, const Lengths& len, int per, int chunk, bool store) {
+// of the rows' chunk counts, 32 rows at a time; row -1 past the last.
+__device__ __forceinline__ Where locate(const PagedParams& p, const Lengths& len, int per, int chunk) {
   const int lane = threadIdx.x & 31;
   Where w{-1, 0};
   int carry = 0;
@@ -172,16 +174,12 @@ __device__ __forceinline__ Where locate(const PagedParams& p, const Lengths& len
     }
     incl += carry;
     const int excl = incl - ch;
-    if (store && r < p.B) {
-      p.row_plan[2 * r] = excl;
-      p.row_plan[2 * r + 1] = ch;
-    }
     const unsigned hit = __ballot_sync(0xffffffffu, ch > 0 && excl <= chunk && chunk < incl);
     if (hit) {
       const int src = __ffs(hit) - 1;
       w.row = t0 + src;
       w.first = __shfl_sync(0xffffffffu, excl, src);
-      if (!store) break;
+      break;
     }
     carry = __shfl_sync(0xffffffffu, incl, 31);
   }
@@ -248,6 +246,18 @@ __device__ Plan balanced_plan(const PagedParams& p, const Lengths& len) {
     }
   }
   return Plan{hi * kCtaN, count};
+}
+
+// Row b's chunks as the attention kernel numbers them: the first (the chunks of rows < b) and the count, by
+// a warp from n_valid and the plan (the combine kernels: before their griddepcontrol.wait, where the
+// attention kernel's prologue reads the same).
+__device__ __forceinline__ void row_chunks(const PagedParams& p, int b, int& first, int& count) {
+  const Lengths len = lengths_of(p);
+  const int per = balanced_plan(p, len).per;
+  int before = 0;
+  for (int r = threadIdx.x & 31; r < b; r += 32) before += (len.at(p, r) + per - 1) / per;
+  first = warp_sum(before);
+  count = (load_n(p, b) + per - 1) / per;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -572,12 +582,26 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : (S == 2 || Tile::kFp
   // rows of the pool (H_kv x D contiguous), not one head's slice of each.
   grid_dep_launch();  // the combine kernel may launch now (it waits for this grid before reading)
   const int mt = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles;
+  const bool one_block = p.bs % kBlockN == 0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // The prologue reads only n_valid and the tables: launched with `overlap` (programmatic dependent launch),
+  // it runs while the previous kernel finishes, and everything else waits for that kernel below. It yields
+  // the schedule, this CTA's first chunk and (one_block) the block of each warp's first step.
   const Lengths len = lengths_of(p);
   const Plan plan = balanced_plan(p, len);
-  if (blockIdx.x == 0 && blockIdx.y == 0) locate(p, len, plan.per, -1, true);  // the row plan, for the combine
+  Where at{-1, 0};
+  int blk_first = 0;  // the block of this warp's first step of chunk `at` (one_block)
+  auto first_step = [&](int chunk) {
+    at = locate(p, len, plan.per, chunk);
+    blk_first = 0;  // (a step past the row's end copies nothing, from any address in the pool)
+    const int base = (chunk - at.first) * plan.per + warp * kBlockN;
+    int off;
+    if (one_block && base < load_n(p, at.row)) slot_of(p, p.tables + at.row * p.t_sb, base, blk_first, off);
+  };
+  if (blockIdx.y < plan.total) first_step(blockIdx.y);
+  grid_dep_wait();  // from here: q and the pools as the previous kernels wrote them, the partials' memory free
   const int rows = min(16, p.G - mt * 16);  // valid query-head rows of this tile
   const int head0 = kvh * p.G + mt * 16;    // query head of row 0
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, c = lane & 3;  // MMA groupID (row / key / column) and thread-in-group
   const int units = p.D * static_cast<int>(sizeof(KV)) / 16;  // 16-byte units of a real row
 
@@ -591,9 +615,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : (S == 2 || Tile::kFp
   const int u = lane % Tile::kUnits, r0 = lane / Tile::kUnits;
   const bool u_ok = u < units;
   const int u_src = u_ok ? u * (16 / static_cast<int>(sizeof(KV))) : 0;  // a unit of the real row
-  const bool one_block = p.bs % kBlockN == 0;
   for (int chunk = blockIdx.y; chunk < plan.total; chunk += gridDim.y) {  // CTA-uniform
-    const Where at = locate(p, len, plan.per, chunk, false);
     const int b = at.row;
     const int start = (chunk - at.first) * plan.per;
     const int end = min(start + plan.per, load_n(p, b));
@@ -609,7 +631,12 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : (S == 2 || Tile::kFp
       const int base = start + it * kCtaN + warp * kBlockN;
       int blk = 0, off = 0;  // the step's block and first key's slot in it (one_block)
       if (one_block) {  // warp-uniform
-        if (base < end) slot_of(p, tbl, base, blk, off);
+        if (it == 0) {  // (the block was read before the loop)
+          blk = blk_first;
+          off = p.bs_shift >= 0 ? base & (p.bs - 1) : base % p.bs;
+        } else if (base < end) {
+          slot_of(p, tbl, base, blk, off);
+        }
         // (every source address lies in the block, also for rows past the end, which copy nothing)
         const KV* kr = kb + static_cast<int64_t>(blk) * p.k_sb + static_cast<int64_t>(off + r0) * p.k_st + u_src;
         const KV* vr = vb + static_cast<int64_t>(blk) * p.v_sb + static_cast<int64_t>(off + r0) * p.v_st + u_src;
@@ -671,6 +698,7 @@ __global__ void __launch_bounds__(kThreads, DP >= 256 ? 1 : (S == 2 || Tile::kFp
       }
       __syncwarp();  // the stage is rewritten by the next step's issue
     }
+    if (chunk + gridDim.y < plan.total) first_step(chunk + gridDim.y);  // (its table read hides under the epilogue)
     cp_wait<0>();
     __syncthreads();  // the ring becomes the epilogue's buffer
     st.finish(p, reinterpret_cast<float*>(smem), warp, g, c, head0, rows, chunk, Tile::kFp8 ? 1.f / kFp8PvMul : 1.f);
@@ -694,10 +722,10 @@ __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams 
   grid_dep_launch();
   const int tile = blockIdx.x % p.m_tiles, kvh = blockIdx.x / p.m_tiles;  // heads fastest; y: chunks (as mma)
   const Lengths len = lengths_of(p);
-  const Plan plan = balanced_plan(p, len);
-  if (blockIdx.x == 0 && blockIdx.y == 0) locate(p, len, plan.per, -1, true);
+  const Plan plan = balanced_plan(p, len);  // (before the wait: n_valid only, as the mma kernel's prologue)
+  grid_dep_wait();
   for (int chunk = blockIdx.y; chunk < plan.total; chunk += gridDim.y) {  // CTA-uniform
-    const Where at = locate(p, len, plan.per, chunk, false);
+    const Where at = locate(p, len, plan.per, chunk);
     const int b = at.row;
     const int start = (chunk - at.first) * plan.per;
     const int end = min(start + plan.per, load_n(p, b));
@@ -841,10 +869,11 @@ __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const PagedPara
   __shared__ float4 sm_o[kWarps][kVecs];
   __shared__ float sm_m[kWarps], sm_l[kWarps];
   grid_dep_launch();  // the next kernel (the output projection) may launch and prefetch its weights
-  grid_dep_wait();    // the attention kernel's partials and row plan are visible from here on (plain loads
-                      // below: an __ldg may be hoisted above the wait, and read the previous replay's values)
   const int b = blockIdx.x, head = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int first = p.row_plan[2 * b], count = p.row_plan[2 * b + 1];  // count <= kRowChunks
+  int first, count;  // row b's chunks (count <= kRowChunks), from n_valid before the wait
+  row_chunks(p, b, first, count);
+  grid_dep_wait();    // the attention kernel's partials are visible from here on (plain loads below: an
+                      // __ldg may be hoisted above the wait, and read the previous replay's values)
   const int64_t base = static_cast<int64_t>(head) * p.n_chunks + first;
   const float* lse = p.lse_part + base;
   const float4* part = reinterpret_cast<const float4*>(p.o_part + base * p.D);  // D % 4 == 0
@@ -913,12 +942,13 @@ __global__ void __launch_bounds__(kThreads) paged_combine_warps_kernel(const Pag
   constexpr int kBatch = 8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   grid_dep_launch();
-  grid_dep_wait();
   const int64_t task = static_cast<int64_t>(blockIdx.x) * kWarps + warp;  // b * H_q + head
   const int hq = p.H_kv * p.G;
   if (task >= static_cast<int64_t>(p.B) * hq) return;  // (warp-uniform; no barrier below)
   const int b = static_cast<int>(task / hq), head = static_cast<int>(task - static_cast<int64_t>(b) * hq);
-  const int first = p.row_plan[2 * b], count = p.row_plan[2 * b + 1];  // count <= kRowChunks
+  int first, count;  // row b's chunks (count <= kRowChunks), from n_valid before the wait
+  row_chunks(p, b, first, count);
+  grid_dep_wait();  // the attention kernel's partials (plain loads below, as above)
   const int64_t base = static_cast<int64_t>(head) * p.n_chunks + first;
   const float4* part = reinterpret_cast<const float4*>(p.o_part + base * p.D);  // D % 4 == 0
   const int vecs = p.D / 4;
@@ -975,8 +1005,10 @@ __global__ void __launch_bounds__(kThreads) paged_combine_warps_kernel(const Pag
 // The schedule's grid and partial buffers, once the kernel (hence its resident CTAs per SM) is known.
 struct Split {
   int64_t programs;  // most chunks over all kv heads; 0: whole waves of resident CTAs, ~kProgramsPerSM per SM
+  bool overlap;      // launch the attention kernel by programmatic dependent launch (its prologue, n_valid and
+                     // the tables only, runs while the previous kernel finishes)
   at::TensorOptions f32;
-  at::Tensor o_part, lse_part, row_plan;
+  at::Tensor o_part, lse_part;
 };
 
 // Resident CTAs are equal work in lockstep waves, so a chunk count just past a multiple of the resident
@@ -998,8 +1030,6 @@ dim3 plan_split(PagedParams& p, Split& split, int resident, int device) {
   split.lse_part = at::empty({static_cast<int64_t>(p.H_kv) * p.G, p.n_chunks}, split.f32);
   p.o_part = split.o_part.data_ptr<float>();
   p.lse_part = split.lse_part.data_ptr<float>();
-  split.row_plan = at::empty({p.B, 2}, split.f32.dtype(at::kInt));
-  p.row_plan = split.row_plan.data_ptr<int32_t>();
   return dim3(static_cast<unsigned>(p.H_kv * p.m_tiles), static_cast<unsigned>(std::min(p.n_chunks, p.slots)));
 }
 
@@ -1036,8 +1066,7 @@ void launch_mma(PagedParams& p, Split& split, int device, cudaStream_t stream) {
   }
   p.m_tiles = (p.G + 15) / 16;
   const dim3 grid = plan_split(p, split, resident_ctas(kernel, smem, device, resident), device);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_pdl(kernel, grid, dim3(kThreads), smem, stream, split.overlap, p);
 }
 
 // Pipeline depth per tile size: 64 KB of ring per CTA for 16-bit rows up to 128 (2 stages, three CTAs per
@@ -1064,8 +1093,7 @@ void launch_simt(PagedParams& p, Split& split, int device, cudaStream_t stream) 
   static int resident[64] = {};
   p.m_tiles = (p.G + GT - 1) / GT;
   const dim3 grid = plan_split(p, split, resident_ctas(&paged_simt_kernel<NV, GT>, 0, device, resident), device);
-  paged_simt_kernel<NV, GT><<<grid, kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_pdl(&paged_simt_kernel<NV, GT>, grid, dim3(kThreads), 0, stream, split.overlap, p);
 }
 
 // Heads per CTA: the group padded to 1/2/4, with at most 64 fp32 registers of q (and as many of acc) per
@@ -1124,7 +1152,7 @@ void check_aligned(const at::Tensor& t, const char* name) {
 at::Tensor paged_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_pool, const at::Tensor& v_pool,
                              const at::Tensor& tables, const at::Tensor& n_valid, double scale,
                              const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
-                             int64_t programs, int64_t min_chunk, int64_t stages) {
+                             int64_t programs, int64_t min_chunk, int64_t stages, bool overlap) {
   LT_CHECK(q_in.is_cuda(), "paged_decode (CUDA): q must be on a CUDA device, got ", q_in.device());
   LT_CHECK(k_pool.device() == q_in.device() && v_pool.device() == q_in.device() &&
                tables.device() == q_in.device() && n_valid.device() == q_in.device(),
@@ -1232,7 +1260,8 @@ at::Tensor paged_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_pool, c
     p.s_st = k_scale->stride(1);
   }
 
-  Split split{programs, q.options().dtype(at::kFloat), {}, {}, {}};  // the grid: set by the launch (plan_split)
+  // (the grid and the partials: set by the launch, plan_split)
+  Split split{programs, overlap && pdl_enabled(device), q.options().dtype(at::kFloat), {}, {}};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (dt == at::kBFloat16) {
     dispatch_mma<__nv_bfloat16, __nv_bfloat16>(p, split, fp8, stages, device, stream);

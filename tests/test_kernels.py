@@ -17,6 +17,7 @@ import torch
 
 from ltengine.kernels import available_backends, get_backend
 from ltengine.kernels import cuda as kcuda
+from ltengine.kernels.paged import paged_decode_ref
 from ltengine.kernels.reference import decode_full_ref, decode_sink_window_ref, ring_slot, truncate_kv_ref_
 
 HAS_GPU = torch.cuda.is_available()
@@ -233,6 +234,13 @@ def test_backend_cpu_ops_agree_with_reference():
     assert be.truncate_kv_(k, v, torch.tensor([9, 8, 3]), 1, 3).tolist() == [4, 4, 3]
     truncate_kv_ref_(k2, v2, torch.tensor([9, 8, 3]), 1, 3)
     assert torch.equal(k, k2) and torch.equal(v, v2)
+    # paged decode: overlap (a launch hint for the CUDA kernel) is accepted and changes nothing elsewhere
+    pool_k, pool_v = torch.randn(6, 4, 2, 16, generator=gen), torch.randn(6, 4, 2, 16, generator=gen)
+    tables = torch.tensor([[1, 2, 0], [3, 4, 5], [0, 0, 0]], dtype=torch.int32)
+    n = torch.tensor([7, 12, 0], dtype=torch.int32)
+    want = paged_decode_ref(q, pool_k, pool_v, tables, n, 0.25)
+    for overlap in (False, True):
+        torch.testing.assert_close(be.paged_decode(q, pool_k, pool_v, tables, n, 0.25, overlap=overlap), want)
 
 
 @needs_gpu

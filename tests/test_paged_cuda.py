@@ -239,6 +239,55 @@ def test_paged_decode_cuda_graph_replay_with_new_lengths(dtype):
 
 
 @gpu_test
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paged_decode_cuda_overlap_chain_in_graph(dtype):
+    """``overlap=True`` (programmatic dependent launch, the prologue before the previous kernel ends) in the
+    paged runner's pattern, captured once and replayed on new data: per layer a kernel writes q and one new
+    K/V row right before the attention, and layers' attentions also run back to back (each one's partials
+    and row plan may reuse the memory the previous combine reads). Lengths and tables change only between
+    replays, as the contract says. Every output against the reference, each replay."""
+    layers, caps = 4, [2100, 700, 64, 1, 3000, 129]
+    pools = [_pool(("overlap", dtype, i), caps, 64, 8, 128, dtype, "cuda") for i in range(layers)]
+    pools = [(_clean(k), _clean(v), t) for k, v, t in pools]
+    b = len(caps)
+    qs = torch.randn(layers, b, 32, 128, device="cuda").to(dtype)
+    src = torch.empty_like(qs)
+    rows = torch.zeros(layers, b, 2, 8, 128, device="cuda", dtype=dtype)  # each row's new K and V
+    slot = torch.zeros(layers, b, dtype=torch.long, device="cuda")       # where they go (flat pool row)
+    n = torch.tensor(caps, dtype=torch.int32, device="cuda")
+    outs = torch.empty_like(qs)
+
+    def step():
+        for i, (k, v, tables) in enumerate(pools):
+            qs[i].copy_(src[i])  # the kernel right before the attention writes q ...
+            k.view(-1, 8, 128).index_copy_(0, slot[i], rows[i, :, 0])  # ... and the pool
+            v.view(-1, 8, 128).index_copy_(0, slot[i], rows[i, :, 1])
+            outs[i].copy_(kcuda.paged_decode(qs[i], k, v, tables, n, 0.1, overlap=True))
+        back = [kcuda.paged_decode(qs[i], *pools[i], n, 0.1, overlap=True) for i in range(layers)]
+        return torch.stack(back)
+
+    torch.cuda.synchronize()
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chained = step()
+    for lens in ([2100, 5, 1, 0, 640, 129], [1, 700, 64, 1, 3000, 2], [2099, 0, 17, 1, 2999, 128]):
+        n.copy_(torch.tensor(lens, dtype=torch.int32))
+        src.copy_(torch.randn_like(src))
+        rows.copy_(torch.randn_like(rows))
+        for i, (k, v, tables) in enumerate(pools):  # a new row at each one's last valid slot
+            last = (n - 1).clamp(min=0).long()
+            slot[i] = tables[torch.arange(b, device="cuda"), last // 64].long() * 64 + last % 64
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (k, v, tables) in enumerate(pools):
+            _check_decode(outs[i], qs[i], k, v, tables, n, 0.1, f"replay {lens} layer {i}")
+            _check_decode(chained[i], qs[i], k, v, tables, n, 0.1, f"replay {lens} layer {i}, back to back")
+            assert torch.equal(outs[i], chained[i]), "the same inputs gave another output"
+
+
+@gpu_test
 def test_paged_decode_cuda_fp8_graph_replay_with_new_lengths():
     """fp8 pools with scales: one capture, lengths changed on the device between replays; each replay
     against the fp32 twin over the same fp8 pools (tolerance: the twin's own error in bf16 q, x2, + 1e-3)."""

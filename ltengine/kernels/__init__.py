@@ -147,6 +147,7 @@ class Backend:
         self.name = name
         self._ops = {op: _Dispatch(impls[op]) for op in OPS}
         self.fold_linear = True  # linear_fuses: the decode step folds its elementwise kernels into the projections
+        self.overlap_decode = True  # paged_decode(overlap=True) reaches the CUDA kernel (off: side-by-side runs)
 
     def decode_full(self, q, k, v, lengths, scale):
         """q [B, H_q, D], k/v [B, T_cap, H_kv, D], lengths [B] -> [B, H_q, D]."""
@@ -172,13 +173,17 @@ class Backend:
         disp = self._ops[SCORE_OPS[rule]]
         return lambda q, k, sink, window, scale: disp.pick(q.dtype, q.shape[-1]).fn(q, k, sink, window, scale)
 
-    def paged_decode(self, q, k_pool, v_pool, tables, n_valid, scale, k_scale=None, v_scale=None):
+    def paged_decode(self, q, k_pool, v_pool, tables, n_valid, scale, k_scale=None, v_scale=None, *,
+                     overlap: bool = False):
         """q [B, H_q, D], pools [NB, BS, H_kv, D], tables [B, MB] int32, n_valid [B] int32 -> [B, H_q, D].
-        Chosen by the pool's dtype; an fp8 pool passes its scales ``[NB, BS, H_kv]``."""
-        fn = self._ops["paged_decode"].pick(k_pool.dtype, q.shape[-1]).fn
+        Chosen by the pool's dtype; an fp8 pool passes its scales ``[NB, BS, H_kv]``. ``overlap``: ``tables``
+        and ``n_valid`` were not written by the kernel just before, so the CUDA kernel may read them while
+        that kernel finishes (``cuda.paged_decode``); the other implementations ignore it."""
+        impl = self._ops["paged_decode"].pick(k_pool.dtype, q.shape[-1])
+        kw = {"overlap": True} if overlap and self.overlap_decode and impl.name == "cuda" else {}
         if k_scale is None:
-            return fn(q, k_pool, v_pool, tables, n_valid, scale)
-        return fn(q, k_pool, v_pool, tables, n_valid, scale, k_scale, v_scale)
+            return impl.fn(q, k_pool, v_pool, tables, n_valid, scale, **kw)
+        return impl.fn(q, k_pool, v_pool, tables, n_valid, scale, k_scale, v_scale, **kw)
 
     def paged_truncate_(self, k_pool, v_pool, tables, lengths, sink, window) -> None:
         """In place: row n's tokens [lengths[n] - window, lengths[n]) move to their ring slots in the

@@ -78,7 +78,7 @@ def paged_truncate_(k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Te
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                  n_valid: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
                  v_scale: torch.Tensor | None = None, *, programs: int = 0, min_chunk: int = 0,
-                 stages: int = 0) -> torch.Tensor:
+                 stages: int = 0, overlap: bool = False) -> torch.Tensor:
     """Decode attention of q ``[B, H_q, D]`` over slots ``[0, n_valid[b])`` of row b's blocks ``tables[b]``
     in pools ``[num_blocks, block_size, H_kv, D]`` -> ``[B, H_q, D]`` (a row with no keys gets zeros).
     An fp8 pool passes its per-row scales ``k_scale``/``v_scale`` ``[num_blocks, block_size, H_kv]``.
@@ -86,9 +86,16 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     ``programs`` (the most chunks over all kv heads; 0: whole waves of resident CTAs, ~12 per SM; the
     kernel picks the cheapest wave count under it) and ``min_chunk`` (fewest keys per chunk; 0: 128)
     tune the balanced schedule; ``stages`` (0: the default, 2; or 3, 4 for 16-bit D in (64, 128])
-    the depth of each warp's cp.async ring. Same contract as ``paged.paged_decode_ref``."""
+    the depth of each warp's cp.async ring. Same contract as ``paged.paged_decode_ref``.
+
+    ``overlap``: launch by programmatic dependent launch (sm_90+, unless ``LTENGINE_PDL=0``), so that the
+    kernel's prologue (the schedule from ``n_valid``, the first block-table reads) runs while the previous
+    kernel in the stream finishes; q, the pools and everything else are read after it. Only for callers whose
+    previous kernel does not write ``tables`` or ``n_valid`` (the paged runner's step: they are set at its
+    start); a caller that computes them right before this call keeps the default."""
     return torch.ops.ltengine.paged_decode(q, k_pool, v_pool, _index(tables, q.device), _index(n_valid, q.device),
-                                           float(scale), k_scale, v_scale, int(programs), int(min_chunk), int(stages))
+                                           float(scale), k_scale, v_scale, int(programs), int(min_chunk), int(stages),
+                                           bool(overlap))
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, stages: int = 0,
@@ -121,7 +128,8 @@ if _C is not None:
             return None
 
         @torch.library.register_fake("ltengine::paged_decode")
-        def _paged_decode_fake(q, k_pool, v_pool, tables, n_valid, scale, k_scale, v_scale, programs, min_chunk, stages):
+        def _paged_decode_fake(q, k_pool, v_pool, tables, n_valid, scale, k_scale, v_scale, programs, min_chunk, stages,
+                               overlap=False):
             return torch.empty_like(q, memory_format=torch.contiguous_format)
 
         @torch.library.register_fake("ltengine::skinny_linear")

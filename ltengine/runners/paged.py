@@ -264,7 +264,8 @@ class PagedRunner(Runner):
         for i in range(a.shape.num_layers):
             q, k, v = a.qkv(i, h, cos, sin)
             self.write_rows(row[i], k[:, 0], v[:, 0])
-            o = self.backend.paged_decode(q[:, 0], p.k, p.v, tables[i], n_valid[i], a.scale, p.k_scale, p.v_scale)
+            o = self.backend.paged_decode(q[:, 0], p.k, p.v, tables[i], n_valid[i], a.scale, p.k_scale, p.v_scale,
+                                          overlap=True)  # (n_valid and tables are set at the step's start)
             h = a.finish_layer(i, h, o.reshape(b, 1, -1))
         st["logits"].copy_(a.logits(h[:, -1]))
         return st["logits"]
@@ -292,7 +293,8 @@ class PagedRunner(Runner):
                 qkv = linear(normed, w["qkv_w"], w["qkv_b"])
             q = fused.rope_store(qkv, cos, sin, h_q, h_kv, d, flat_k, flat_v, row[i], w["qn"], w["kn"], eps,
                                  flat_ks, flat_vs)
-            o = self.backend.paged_decode(q, p.k, p.v, tables[i], n_valid[i], a.scale, p.k_scale, p.v_scale)
+            o = self.backend.paged_decode(q, p.k, p.v, tables[i], n_valid[i], a.scale, p.k_scale, p.v_scale,
+                                          overlap=True)  # (n_valid and tables are set at the step's start)
             nxt = layers[i + 1]["ln1"] if i + 1 < len(layers) else a.inner.norm
             if fold:
                 resid, ss, normed = linear(o.reshape(b, -1), w["o"].weight, w["o"].bias, resid=resid,
