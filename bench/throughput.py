@@ -414,6 +414,7 @@ class Bench:
         if self.args.linear == "torch":  # the decode step's projections through F.linear (cuBLAS)
             eng.backend.drop("linear", "cuda")
         eng.backend.fold_linear = self.args.linear == "auto"  # else the norms, residual adds, SiLU: own kernels
+        eng.backend.overlap_decode = self.args.decode_overlap == "on"
         return eng
 
     def warm(self, engine: Engine, batch: int) -> None:
@@ -870,6 +871,9 @@ def parse_args(argv=None):
                    help="decode-step projections: the backend's choice (auto: the CUDA kernel at <= 8 rows when "
                         "built, with the norms, residual adds and SiLU folded in), the CUDA kernel with those as "
                         "separate kernels (unfused), or F.linear (torch), for a side-by-side run")
+    p.add_argument("--decode-overlap", choices=("on", "off"), default="on",
+                   help="the CUDA paged decode's prologue overlaps the previous kernel (programmatic dependent "
+                        "launch; on: the runner's default), or not, for a side-by-side run")
     p.add_argument("--backend", choices=("cuda", "triton", "reference"),
                    help="kernel implementation put first where it exists (default: the backend's choice per op)")
     p.add_argument("--quick", action="store_true", help="CPU smoke: 2 layers, hidden 256, 256/512-token prompts, 8 new tokens")
