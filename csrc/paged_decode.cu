@@ -860,7 +860,7 @@ __global__ void __launch_bounds__(kThreads) paged_simt_kernel(const PagedParams 
 // row with no key -> 0. Warp w takes the row's chunks w, w + kWarps, ...: it
 // loads their log2-sum-exps and (16 bytes a lane) their outputs at once, merges them against its own
 // max, and the CTA then merges the warps' (max, sum, output) through shared memory: every load of a
-// row is issued in one round trip after the row plan's.
+// row is issued in one round trip after the wait (the row's chunks are worked out before it).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) paged_combine_kernel(const PagedParams p) {
   constexpr int kPer = kRowChunks / kWarps;  // chunks per warp, at most

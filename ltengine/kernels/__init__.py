@@ -8,8 +8,10 @@ Ops (shapes token-major, ``[B, T, H_kv, D]`` caches, ``[B, H_q, D]`` queries):
                                                                 q [H_q, P, D] last P queries, k [H_kv, T, D])
   score_peak(q, k, sink, window, scale)                      -> float (1 - best head's mass on its 8 top distant keys)
   score_cover(q, k, sink, window, scale)                     -> float (1 - best head's distinct distant text / 16)
-  paged_decode(q, k_pool, v_pool, tables, n_valid, scale[, k_scale, v_scale]) -> [B, H_q, D] (pool [NB, BS, H_kv, D],
-                                                                tables [B, MB]; an fp8 pool's scales [NB, BS, H_kv])
+  paged_decode(q, k_pool, v_pool, tables, n_valid, scale[, k_scale, v_scale], overlap=False)
+                                                             -> [B, H_q, D] (pool [NB, BS, H_kv, D], tables [B, MB];
+                                                                an fp8 pool's scales [NB, BS, H_kv]; overlap: the CUDA
+                                                                kernel's prologue may overlap the previous kernel)
   paged_truncate_(k_pool, v_pool, tables, lengths, sink, window) -> None (in place: each row's kept tokens into
                                                                 their ring slots of its own blocks; tables [N, MB])
   prefill_sink_window(q, k, v, sink, window, scale)          -> [B, T, H_q, D] (streaming prefill: causal attention
